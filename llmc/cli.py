@@ -1,0 +1,201 @@
+"""The `llmc` command line: parses flags, prints the resolved configuration, maps errors to exit
+codes. The work happens in llmc.build, llmc.runtime and llmc.inspect."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from llmc.errors import LlmcError, VerificationError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_VERIFY, EXIT_INTERRUPT = 0, 1, 2, 3, 130
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+class _Group(click.Group):
+    """Maps llmc's exceptions to exit codes with one line on stderr (traceback with --debug)."""
+
+    def invoke(self, ctx):
+        debug = ctx.params.get("debug") or "--debug" in sys.argv
+        try:
+            return super().invoke(ctx)
+        except LlmcError as exc:
+            _fail(f"error: {exc}", EXIT_USER, debug)
+        except VerificationError as exc:
+            _fail(f"verification failed: {exc}", EXIT_VERIFY, debug)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written.", EXIT_INTERRUPT, debug)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # an llmc bug: say so, keep the traceback behind --debug
+            _fail(f"internal error: {type(exc).__name__}: {exc} (re-run with --debug for the "
+                  "traceback and report it)", EXIT_INTERNAL, debug)
+
+
+def _fail(message: str, code: int, debug: bool):
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(package_name="llmc")
+def cli(debug: bool):
+    """llmc compiles Hugging Face language models into verified inference artifacts and runs them.
+
+    \b
+      llmc build [MODEL] --target onnx      trace, optimize, emit and verify
+      llmc run ARTIFACT "prompt"            generate text (streams to stdout)
+      llmc inspect ARTIFACT                 manifest, op histogram, pass reports
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+class _RichProgress:
+    """Build stages as spinners with elapsed time, then a check mark and the duration."""
+
+    def __init__(self):
+        self.console = _console()
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        with self.console.status(f"{name} …"):
+            yield
+        self.console.print(f"[green]✓[/green] {name} [dim]({time.perf_counter() - start:.1f}s)[/dim]")
+
+    def note(self, text: str) -> None:
+        self.console.print(f"  {text}")
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--target", "-t", default="onnx", show_default=True,
+              help="Back end to emit for; `llmc targets` lists them.")
+@click.option("--out", "-o", type=click.Path(path_type=Path),
+              help="Artifact directory (default: artifacts/<model>-<target>).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the artifact against PyTorch eager before keeping it.")
+@click.option("--passes", metavar="-NAME[,-NAME]",
+              help="Disable passes of the target's pipeline, e.g. -eliminate_dead_code.")
+@click.option("--tolerance", type=float,
+              help="Max abs logits difference allowed (default 1e-4 tiny models, 1e-3 others).")
+@click.option("--max-context", type=click.IntRange(min=2),
+              help="Largest sequence the artifact accepts (default: the model's).")
+def build(model, target, out, verify, passes, tolerance, max_context):
+    """Build MODEL into a verified artifact.
+
+    MODEL is a Hugging Face model directory, a .gguf file, a hub id, or tiny:ARCH (llama, qwen2,
+    mistral, phi3, gemma, gpt2). Without MODEL, the packaged SmolLM2-135M-Instruct is used.
+    Exit codes: 0 ok, 2 bad input, 3 verification failed, 1 internal error.
+    """
+    from llmc.build import build as run_build
+    from llmc.config import BuildConfig
+
+    config = BuildConfig(model=model, target=target, out=out, verify=verify, passes=passes,
+                         tolerance=tolerance, max_context=max_context)
+    console = _console()
+    console.print("llmc build " + "  ".join(f"{k}=[bold]{v}[/bold]" for k, v in config.describe().items()))
+    result = run_build(config, progress=_RichProgress())
+    files = result.manifest["files"]
+    size = sum(f["size"] for f in files.values()) / 1e6
+    console.print(f"[bold green]built[/bold green] {result.path} ({size:.1f} MB, "
+                  f"{result.manifest['graph']['nodes']} nodes)")
+    click.echo(str(result.path))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--chat", is_flag=True, help="Wrap PROMPT in the model's chat template as a user turn.")
+@click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="0 is greedy decoding.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 is off.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--repetition-penalty", default=1.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True))
+@click.option("--seed", type=int, help="Seed for sampling (reproducible output).")
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: all cores).")
+def run(artifact, prompt, chat, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+        seed, stop, threads):
+    """Generate text from PROMPT with ARTIFACT, streaming it to stdout."""
+    import llmc.runtime as rt
+
+    gen = rt.load(artifact, threads=threads)
+    for piece in gen.stream(prompt, chat=chat, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed, stop=stop):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def inspect(artifact, as_json):
+    """Summarize ARTIFACT: model, target, sizes, op histogram, pass reports, verification."""
+    from llmc.artifact import read_manifest
+    from llmc.inspect import render
+
+    manifest = read_manifest(artifact, check_files=False)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+    else:
+        render(manifest, artifact)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--tolerance", type=float, help="Override the artifact's recorded tolerance.")
+def verify(artifact, tolerance):
+    """Re-run the parity check of ARTIFACT against PyTorch eager (needs its source model)."""
+    from llmc.reverify import reverify
+
+    result = reverify(artifact, tolerance)
+    click.echo(f"verification: {result.summary()}")
+    if not result.passed:
+        raise VerificationError(f"{artifact} does not match PyTorch ({result.summary()}).")
+
+
+@cli.command()
+def targets():
+    """List the back ends, whether they are usable here, and how to install the rest."""
+    from llmc.targets import TARGETS
+
+    for info in TARGETS.values():
+        missing = info.missing()
+        if not info.ready:
+            status = "planned"
+        elif missing:
+            status = f"not installed ({info.install})"
+        else:
+            status = "ready"
+        click.echo(f"{info.name:<10} {status:<40} {info.description}")
+
+
+def main():
+    cli(prog_name="llmc")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Error types that map to the CLI's exit codes."""
+
+
+class LlmcError(Exception):
+    """A user error: bad input, unsupported model, corrupt artifact. Exit code 2.
+
+    The message is one actionable sentence.
+    """
+
+    exit_code = 2
+
+
+class SourceError(LlmcError):
+    """The model source cannot be found, read or recognised."""
+
+
+class UnsupportedModelError(LlmcError):
+    """The architecture is not one llmc can trace."""
+
+
+class TargetError(LlmcError):
+    """The target is unknown or its back end is not installed."""
+
+
+class ArtifactError(LlmcError):
+    """The artifact is missing, corrupt or incompatible with this installation."""
+
+
+class ContextLengthError(LlmcError):
+    """The input does not fit the artifact's context."""
+
+
+class VerificationError(Exception):
+    """The built artifact does not match PyTorch within tolerance. Exit code 3."""
+
+    exit_code = 3

@@ -1,0 +1,57 @@
+"""`llmc inspect`: a readable summary of an artifact's manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def render(manifest: dict, directory: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    model, target, io = manifest["model"], manifest["target"], manifest["io"]
+    size = sum(f["size"] for f in manifest["files"].values())
+    console.print(f"[bold]{directory}[/bold]  llmc {manifest['llmc_version']}, "
+                  f"format {manifest['format_version']}")
+    console.print(f"source   {manifest['source']['kind']} {manifest['source']['ref']}")
+    console.print(
+        f"model    {model['architecture']}: {model['num_layers']} layers, {model['num_heads']} heads "
+        f"/ {model['num_kv_heads']} kv heads, head dim {model['head_dim']}, vocab "
+        f"{model['vocab_size']}, context {io['max_context']}"
+    )
+    console.print(f"target   {target['name']} ({target['flavor']}), KV mode {io['kv_mode']}, "
+                  f"logits {io['logits']}")
+    tools = ", ".join(f"{k} {v}" for k, v in manifest["toolchain"].items())
+    console.print(f"built    {manifest['build']['created']} in {manifest['build']['seconds']}s with {tools}")
+    ver = manifest["verification"]
+    if ver.get("skipped"):
+        console.print("verified [yellow]skipped (--no-verify)[/yellow]")
+    else:
+        mark = "[green]passed[/green]" if ver["passed"] else "[red]FAILED[/red]"
+        console.print(
+            f"verified {mark}: max |Δlogits| {ver['max_abs_diff']:.2e} (batched "
+            f"{ver['batched_max_abs_diff']:.2e}, tolerance {ver['tolerance']:.0e}), greedy "
+            f"{ver['greedy_agreement']}/{ver['steps_compared']} vs {ver['reference']}"
+        )
+
+    files = Table("file", "MB", "sha256", title=f"files ({size / 1e6:.1f} MB)", title_justify="left")
+    for name, meta in manifest["files"].items():
+        files.add_row(name, f"{meta['size'] / 1e6:.2f}", meta["sha256"][:16])
+    console.print(files)
+
+    passes = Table("pass", "modified", "counts", "seconds", "max |Δ|", title="passes",
+                   title_justify="left")
+    for r in manifest["passes"]:
+        diff = "" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
+        counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items())
+        passes.add_row(r["name"], str(r["modified"]), counts, f"{r['seconds']:.3f}", diff)
+        for note in r.get("notes", []):
+            passes.add_row("", "", f"[dim]{note}[/dim]", "", "")
+    console.print(passes)
+
+    ops = Table("op", "count", title=f"graph ({manifest['graph']['nodes']} nodes)",
+                title_justify="left")
+    for op, n in sorted(manifest["graph"]["op_histogram"].items(), key=lambda kv: -kv[1]):
+        ops.add_row(op, str(n))
+    console.print(ops)

@@ -1,0 +1,30 @@
+"""`llmc verify`: re-run an existing artifact's parity check against its source model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmc.errors import ArtifactError
+
+
+def reverify(directory: Path, tolerance: float | None = None):
+    from llmc.artifact import read_manifest
+    from llmc.build import default_tolerance
+    from llmc.compiler import sources
+    from llmc.compiler.verify import PROMPTS, verify
+    from llmc.targets import get
+
+    manifest = read_manifest(directory)
+    recorded = manifest["source"]
+    source = sources.resolve(None if recorded["kind"] == "default" else recorded["ref"])
+    loaded = sources.load(source)
+    if recorded.get("weights_sha256") and source.weights_sha256 != recorded["weights_sha256"]:
+        raise ArtifactError(
+            f"the source model {recorded['ref']} has changed since {directory} was built; "
+            "rebuild the artifact."
+        )
+    session = get(manifest["target"]["name"]).session_class()(directory, manifest)
+    prompts = [loaded.tokenizer(text)["input_ids"] for text in PROMPTS]
+    tol = tolerance or manifest["verification"].get("tolerance") or default_tolerance(source.kind)
+    steps = manifest["verification"].get("decode_steps", 8)
+    return verify(loaded.model, session, prompts, tol, decode_steps=steps)

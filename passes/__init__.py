@@ -1,0 +1,1 @@
+"""Target-neutral graph passes, one per file, each named verb_object."""

@@ -1,0 +1,20 @@
+"""Erase nodes whose results nothing uses (side-effect-free ones only).
+
+Before: a = aten.mul(x, 2); out = aten.add(x, 1)     (a unused)
+After:  out = aten.add(x, 1)
+"""
+
+from __future__ import annotations
+
+from llmc.compiler.graph import Graph
+from llmc.compiler.pass_manager import PassReport
+
+
+class EliminateDeadCode:
+    name = "eliminate_dead_code"
+
+    def run(self, graph: Graph) -> PassReport:
+        before = len(graph.fx.nodes)
+        graph.fx.eliminate_dead_code()
+        removed = before - len(graph.fx.nodes)
+        return PassReport(self.name, modified=removed > 0, counts={"removed": removed})

@@ -1,0 +1,75 @@
+"""Next-token selection on numpy logits: greedy, temperature, top-k, top-p, repetition penalty."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 turns it off)")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0 (1 turns it off)")
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL-style penalty: logits of tokens already in the sequence are divided (if positive) or
+    multiplied (if negative) by `penalty`. logits [V], seen [N] token ids."""
+    if penalty == 1.0 or seen.size == 0:
+        return logits
+    logits = logits.copy()
+    ids = np.unique(seen)
+    values = logits[ids]
+    logits[ids] = np.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The distribution sampled from, after temperature, top-k and top-p. logits [V] -> p [V]."""
+    scaled = logits.astype(np.float64) / params.temperature
+    if params.top_k and params.top_k < scaled.size:
+        kth = np.partition(scaled, -params.top_k)[-params.top_k]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    p = np.exp(scaled - scaled.max())
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cumulative = np.cumsum(p[order])
+        keep = cumulative - p[order] < params.top_p  # always keeps the most likely token
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: list[np.ndarray]) -> np.ndarray:
+        """logits [B, V], history: per row the ids seen so far -> next ids [B]."""
+        out = np.empty(logits.shape[0], dtype=np.int64)
+        for row, (row_logits, seen) in enumerate(zip(logits, history)):
+            row_logits = apply_repetition_penalty(row_logits, seen, self.params.repetition_penalty)
+            if self.params.temperature == 0:
+                out[row] = int(np.argmax(row_logits))
+            else:
+                p = probabilities(row_logits, self.params)
+                out[row] = int(self._rng.choice(p.size, p=p))
+        return out

@@ -1,0 +1,106 @@
+"""Tokenizer, chat template and incremental (UTF-8-safe) detokenization, on `tokenizers` + jinja2."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from llmc.errors import ArtifactError
+
+REPLACEMENT = "\ufffd"
+
+
+class Tokenizer:
+    def __init__(self, directory: str | Path, generation: dict):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(directory) / "tokenizer.json"
+        if not path.is_file():
+            raise ArtifactError(f"{directory} has no tokenizer.json; rebuild the artifact.")
+        self._tok = HFTokenizer.from_file(str(path))
+        self.chat_template: str | None = generation.get("chat_template")
+        self.special_tokens: dict = generation.get("special_tokens", {})
+        self.eos_token_ids: list[int] = list(generation.get("eos_token_ids", []))
+        self.pad_token_id: int = generation.get("pad_token_id") or 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ArtifactError("this model has no chat template; pass a plain prompt instead.")
+        return _compile_template(self.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            **self.special_tokens,
+        )
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        # Templates write their own special tokens, so none are added here (as transformers does).
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+
+def _compile_template(source: str):
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda v, indent=None: json.dumps(v, indent=indent, ensure_ascii=False)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+class Detokenizer:
+    """Turns a growing token list into text pieces that never split a multi-byte character and
+    never show a stop string (or the start of one that may still complete)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None):
+        self._tok = tokenizer
+        self._stop = [s for s in (stop or []) if s]
+        self.ids: list[int] = []
+        self.text = ""  # what has been emitted
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the new text that is safe to show (possibly empty)."""
+        self.ids.append(token)
+        full = self._tok.decode(self.ids)
+        if full.endswith(REPLACEMENT):  # an incomplete UTF-8 sequence: wait for more bytes
+            return ""
+        for s in self._stop:
+            at = full.find(s, max(0, len(self.text) - len(s)))
+            if at != -1:
+                self.stopped = True
+                return self._emit(full[:at])
+        return self._emit(full[: len(full) - self._held_back(full)])
+
+    def flush(self) -> str:
+        """The rest of the text at the end of generation."""
+        if self.stopped:
+            return ""
+        return self._emit(self._tok.decode(self.ids))
+
+    def _held_back(self, full: str) -> int:
+        """Length of the longest suffix of `full` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(full)), 0, -1):
+                if full.endswith(s[:n]):
+                    best = max(best, n)
+                    break
+        return best
+
+    def _emit(self, upto: str) -> str:
+        if len(upto) <= len(self.text):
+            return ""
+        piece = upto[len(self.text):]
+        self.text = upto
+        return piece

@@ -1,0 +1,68 @@
+"""The target registry: which back ends exist, whether they are installed, and how to get them."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+
+from llmc.errors import TargetError
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    name: str
+    module: str  # sub-package with pipeline.pipeline(), emit.emit() and session.<session class>
+    requires: tuple[str, ...]  # importable modules its build and runtime need
+    install: str
+    ready: bool = True  # False: planned, not implemented in this version
+    description: str = ""
+
+    def missing(self) -> list[str]:
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    # Each target sub-package has the same three modules; they are imported only when used, so the
+    # runtime (session) never pulls in the compiler's torch.
+    def pipeline(self) -> list:
+        return importlib.import_module(f"{self.module}.pipeline").pipeline()
+
+    def emit(self, graph, out_dir):
+        return importlib.import_module(f"{self.module}.emit").emit(graph, out_dir)
+
+    def session_class(self):
+        return importlib.import_module(f"{self.module}.session").Session
+
+
+TARGETS: dict[str, TargetInfo] = {
+    t.name: t
+    for t in (
+        TargetInfo("onnx", "llmc.targets.onnx", ("onnx", "onnxruntime", "onnxscript"),
+                   "pip install 'llmc[onnx]'", description="ONNX graph run by onnxruntime (CPU)"),
+        TargetInfo("openvino", "llmc.targets.openvino", ("openvino",),
+                   "pip install 'llmc[openvino]'", ready=False,
+                   description="stateful OpenVINO IR (planned)"),
+        TargetInfo("tvm", "llmc.targets.tvm", ("tvm",), "pip install 'llmc[tvm]'", ready=False,
+                   description="TVM Relax module (planned)"),
+        TargetInfo("tensorrt", "llmc.targets.tensorrt", ("tensorrt",),
+                   "pip install 'llmc[tensorrt]' from NVIDIA's index", ready=False,
+                   description="TensorRT engine (planned)"),
+    )
+}
+
+
+def get(name: str) -> TargetInfo:
+    """The usable target called `name`, or a TargetError that says what to do."""
+    info = TARGETS.get(name)
+    if info is None:
+        raise TargetError(
+            f"unknown target {name!r}; choose one of: {', '.join(TARGETS)} (see `llmc targets`)."
+        )
+    if not info.ready:
+        ready = ", ".join(t.name for t in TARGETS.values() if t.ready)
+        raise TargetError(f"the {name} target is not implemented yet; use one of: {ready}.")
+    missing = info.missing()
+    if missing:
+        raise TargetError(
+            f"the {name} target needs {', '.join(missing)}; install it with `{info.install}`."
+        )
+    return info

@@ -1,0 +1,1 @@
+"""ONNX target: export with torch.onnx (dynamo), run with onnxruntime."""

@@ -1,0 +1,56 @@
+"""Emit a Graph as ONNX with external weights, checked by onnx.checker."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llmc.compiler.graph import Graph
+
+MODEL_FILE = "model.onnx"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmitResult:
+    files: list[str]
+    op_histogram: dict[str, int]
+    toolchain: dict[str, str]
+    flavor: str = "onnxruntime-cpu"
+
+
+def emit(graph: Graph, out_dir: Path) -> EmitResult:
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import torch
+
+    path = Path(out_dir) / MODEL_FILE
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph.program, (), dynamo=True, optimize=True, verbose=False,
+            input_names=graph.input_names, output_names=graph.output_names,
+        )
+    # Weights always go to one external file: no 2 GB protobuf limit, and the graph stays small.
+    program.save(str(path), external_data=True)
+    onnx.checker.check_model(str(path), full_check=False)
+    model = onnx.load(str(path), load_external_data=False)
+    histogram = Counter(
+        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        for n in model.graph.node
+    )
+    files = sorted(p.name for p in Path(out_dir).iterdir() if p.name.startswith(MODEL_FILE))
+    toolchain = {
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxscript": onnxscript.__version__,
+        "opset": str(max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))),
+    }
+    return EmitResult(files, dict(sorted(histogram.items())), toolchain)
