@@ -60,9 +60,14 @@ def _measure(timed, ids, long_ids, runs: int) -> dict:
         if i:
             decode.append((NEW_TOKENS - 1) / (stamps[-1] - stamps[0]))
             ttft.append(first[0] - start)
-    return {"decode_tok_s": statistics.median(decode), "ttft512_s": statistics.median(ttft),
-            "decode_runs": decode, "ttft_runs": ttft, "tokens": tokens,
-            "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "decode_tok_s": statistics.median(decode),
+        "ttft512_s": statistics.median(ttft),
+        "decode_runs": decode,
+        "ttft_runs": ttft,
+        "tokens": tokens,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 class _Stamps:
@@ -88,8 +93,8 @@ def run_transformers(threads: int, runs: int) -> dict:
     torch.set_num_threads(threads)
     loaded = sources.load(sources.resolve(None))
     model, tok = loaded.model, loaded.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) else ids
+    messages = [{"role": "user", "content": PROMPT}]
+    ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
     long_ids = _long_prompt(lambda t: tok(t, add_special_tokens=False)["input_ids"])
 
     def timed(prompt_ids, n):
@@ -97,27 +102,48 @@ def run_transformers(threads: int, runs: int) -> dict:
         x = torch.tensor([prompt_ids])
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
-                                 min_new_tokens=n, do_sample=False, streamer=stamps,
-                                 pad_token_id=tok.pad_token_id)
-        return start, stamps.times, out[0, len(prompt_ids):].tolist()
+            out = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                streamer=stamps,
+                pad_token_id=tok.pad_token_id,
+            )
+        return start, stamps.times, out[0, len(prompt_ids) :].tolist()
 
     return _measure(timed, ids, long_ids, runs)
 
 
 def _child(engine: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--engine", engine, "--artifact", args.artifact,
-           "--threads", str(args.threads), "--runs", str(args.runs)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--engine",
+        engine,
+        "--artifact",
+        args.artifact,
+        "--threads",
+        str(args.threads),
+        "--runs",
+        str(args.runs),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit(f"the {engine} benchmark failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _build(artifact: str) -> dict:
     """Build the artifact in a child process: wall time and that process's peak RSS."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "llmc.cli", "build", "--out", artifact], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "llmc.cli", "build", "--out", artifact],
+        check=True,
+        capture_output=True,
+    )
     seconds = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"build_s": round(seconds, 1), "build_peak_rss_mb": round(rss)}
@@ -134,8 +160,11 @@ def main():
     args = parser.parse_args()
     if args.engine:  # child process: one engine, one JSON line
         fn = run_llmc if args.engine == "llmc" else None
-        result = (fn(args.artifact, args.threads, args.runs) if fn
-                  else run_transformers(args.threads, args.runs))
+        result = (
+            fn(args.artifact, args.threads, args.runs)
+            if fn
+            else run_transformers(args.threads, args.runs)
+        )
         print(json.dumps(result))
         return
 
@@ -147,12 +176,22 @@ def main():
     size = sum(f["size"] for f in manifest["files"].values()) / 1e6
     ours = {**_child("llmc", args), **build, "size_mb": round(size, 1)}
     ref = _child("transformers", args)
-    same = next((i for i, (a, b) in enumerate(zip(ours["tokens"], ref["tokens"])) if a != b),
-                min(len(ours["tokens"]), len(ref["tokens"])))
+    same = next(
+        (i for i, (a, b) in enumerate(zip(ours["tokens"], ref["tokens"], strict=False)) if a != b),
+        min(len(ours["tokens"]), len(ref["tokens"])),
+    )
     report = {
-        "protocol": {"model": "SmolLM2-135M-Instruct fp32", "prompt": PROMPT, "chat": True,
-                     "new_tokens": NEW_TOKENS, "ttft_prompt_tokens": TTFT_TOKENS,
-                     "threads": args.threads, "warmup": 1, "runs": args.runs, "stat": "median"},
+        "protocol": {
+            "model": "SmolLM2-135M-Instruct fp32",
+            "prompt": PROMPT,
+            "chat": True,
+            "new_tokens": NEW_TOKENS,
+            "ttft_prompt_tokens": TTFT_TOKENS,
+            "threads": args.threads,
+            "warmup": 1,
+            "runs": args.runs,
+            "stat": "median",
+        },
         "engines": {
             "llmc-onnx": {k: v for k, v in ours.items() if k != "tokens"},
             "transformers-eager": {k: v for k, v in ref.items() if k != "tokens"},

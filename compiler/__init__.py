@@ -1,1 +1,1 @@
-"""The compiler: front end, Graph, pass manager, pipelines and verification (no back-end imports)."""
+"""The compiler: front end, Graph, pass manager and verification; imports no back end."""

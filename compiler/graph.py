@@ -1,4 +1,4 @@
-"""Graph: the traced program with the model spec and I/O contract that every pass and target sees."""
+"""Graph: the traced program with the model spec and I/O names every pass and target sees."""
 
 from __future__ import annotations
 
@@ -25,9 +25,7 @@ class Graph:
 
     def op_histogram(self) -> dict[str, int]:
         """Count call_function targets by name, e.g. {'aten.mm.default': 14}."""
-        counts = Counter(
-            str(node.target) for node in self.fx.nodes if node.op == "call_function"
-        )
+        counts = Counter(str(node.target) for node in self.fx.nodes if node.op == "call_function")
         return dict(sorted(counts.items()))
 
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

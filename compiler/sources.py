@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,14 +67,16 @@ def resolve(ref: str | None) -> Source:
         if arch not in tiny.TINY:
             raise UnsupportedModelError(
                 f"unknown tiny model {ref!r}; choose one of "
-                + ", ".join(f"tiny:{a}" for a in tiny.TINY) + "."
+                + ", ".join(f"tiny:{a}" for a in tiny.TINY)
+                + "."
             )
         return Source("tiny", ref, f"tiny-{arch}")
     path = Path(ref).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise SourceError(
-                f"{ref} is a file but not a .gguf; pass a Hugging Face model directory or a .gguf file."
+                f"{ref} is a file but not a .gguf; pass a Hugging Face model directory or a "
+                ".gguf file."
             )
         return Source("gguf", str(path.resolve()), _slug(path.stem))
     if path.is_dir():
@@ -85,7 +88,9 @@ def resolve(ref: str | None) -> Source:
         return Source("hf-dir", str(path.resolve()), _slug(path.resolve().name))
     if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return Source("hub", ref, _slug(ref.split("/")[-1]))
-    raise SourceError(f"{ref} does not exist; pass an existing model directory, .gguf file or hub id.")
+    raise SourceError(
+        f"{ref} does not exist; pass an existing model directory, .gguf file or hub id."
+    )
 
 
 def _slug(name: str) -> str:
@@ -97,12 +102,16 @@ def check_architecture(config) -> None:
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             f"architecture {model_type!r} is not supported yet; supported: "
-            + ", ".join(SUPPORTED_ARCHITECTURES) + "."
+            + ", ".join(SUPPORTED_ARCHITECTURES)
+            + "."
         )
 
 
 def load(source: Source) -> LoadedModel:
     """Load weights in fp32 and the tokenizer for a resolved source."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # llmc shows its own progress
     loader = _LOADERS[source.kind]
     model, tokenizer = loader(source)
     model.eval()
@@ -133,14 +142,14 @@ def _load_gguf(source: Source):
     if not (cached / "config.json").is_file():
         model, tokenizer = _dequantize_gguf(path)
         tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
         try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
             tmp.rename(cached)
-        except OSError:  # another process won the race; its copy is identical
-            import shutil
-
+        except BaseException as exc:  # interrupted, or another process won the race
             shutil.rmtree(tmp, ignore_errors=True)
+            if not isinstance(exc, OSError):
+                raise
         return model, tokenizer
     log.info("using the dequantized copy of %s in %s", path.name, cached)
     import torch
@@ -193,7 +202,8 @@ def _load_pretrained(source: Source):
     except ValueError as exc:  # unknown model_type
         raise UnsupportedModelError(
             f"{source.ref}: transformers does not know this architecture; supported: "
-            + ", ".join(SUPPORTED_ARCHITECTURES) + "."
+            + ", ".join(SUPPORTED_ARCHITECTURES)
+            + "."
         ) from exc
     check_architecture(config)
     model = transformers.AutoModelForCausalLM.from_pretrained(source.ref, dtype=torch.float32)

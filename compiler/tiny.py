@@ -19,9 +19,17 @@ CHAT_TEMPLATE = (
 )
 
 _COMMON = dict(
-    vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    bos_token_id=0, eos_token_id=2, pad_token_id=0, initializer_range=0.2,
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=0,
+    initializer_range=0.2,
 )
 
 
@@ -44,14 +52,24 @@ TINY: dict[str, TinySpec] = {
     "mistral": TinySpec("MistralConfig", _family(sliding_window=None)),
     "phi3": TinySpec("Phi3Config", _family()),
     "gemma": TinySpec("GemmaConfig", _family(head_dim=16)),
-    "gpt2": TinySpec("GPT2Config", dict(
-        vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=512,
-        bos_token_id=0, eos_token_id=2, initializer_range=0.2)),
+    "gpt2": TinySpec(
+        "GPT2Config",
+        dict(
+            vocab_size=VOCAB_SIZE,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=0,
+            eos_token_id=2,
+            initializer_range=0.2,
+        ),
+    ),
 }
 
 
 def build_tokenizer():
-    """A deterministic byte-level BPE tokenizer with ChatML specials, as a transformers tokenizer."""
+    """A deterministic byte-level BPE tokenizer with ChatML specials (transformers wrapper)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -59,13 +77,18 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=SPECIALS, show_progress=False,
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIALS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([_TRAIN_TEXT] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=SPECIALS[0], eos_token=SPECIALS[2],
-        pad_token=SPECIALS[0], unk_token=None,
+        tokenizer_object=tok,
+        bos_token=SPECIALS[0],
+        eos_token=SPECIALS[2],
+        pad_token=SPECIALS[0],
+        unk_token=None,
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast

@@ -25,7 +25,7 @@ class ExplicitKVLayer(DynamicLayer):
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
-    """transformers 5 renamed `past_key_values` to `cache` in some models; use what forward takes."""
+    """transformers 5 renamed `past_key_values` to `cache` in some models: use what it takes."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 

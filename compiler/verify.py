@@ -49,8 +49,14 @@ def _eager_step(model, ids: torch.Tensor, cache, mask: torch.Tensor | None = Non
 
 
 @torch.no_grad()
-def verify(model, session, prompts: list[list[int]], tolerance: float, decode_steps: int = 8,
-           texts: tuple[str, ...] = PROMPTS) -> VerifyResult:
+def verify(
+    model,
+    session,
+    prompts: list[list[int]],
+    tolerance: float,
+    decode_steps: int = 8,
+    texts: tuple[str, ...] = PROMPTS,
+) -> VerifyResult:
     """Teacher-forced comparison: both sides get PyTorch's greedy token at every step."""
     result = VerifyResult(tolerance=tolerance, prompts=list(texts), decode_steps=decode_steps)
     prefill_logits = []
@@ -73,7 +79,7 @@ def verify(model, session, prompts: list[list[int]], tolerance: float, decode_st
         ids = np.zeros((len(prompts), width), dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, p in enumerate(prompts):
-            ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+            ids[row, width - len(p) :], mask[row, width - len(p) :] = p, 1
         got = session.prefill(ids, mask)
         result.batched_max_abs_diff = float(np.abs(np.stack(prefill_logits) - got).max())
     session.reset()

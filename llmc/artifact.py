@@ -47,7 +47,9 @@ def read_manifest(directory: str | os.PathLike, check_files: bool = True) -> dic
         raise ArtifactError(f"{directory} does not exist; build one with `llmc build`.")
     path = directory / MANIFEST
     if not path.is_file():
-        raise ArtifactError(f"{directory} is not an llmc artifact (no {MANIFEST}); build one with `llmc build`.")
+        raise ArtifactError(
+            f"{directory} is not an llmc artifact (no {MANIFEST}); build one with `llmc build`."
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -70,7 +72,8 @@ def check_files_match(directory: Path, manifest: dict) -> None:
             raise ArtifactError(f"{directory} is missing {rel}; rebuild the artifact.")
         if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
             raise ArtifactError(
-                f"{directory}/{rel} does not match its checksum (modified or corrupt); rebuild the artifact."
+                f"{directory}/{rel} does not match its checksum (modified or corrupt); "
+                "rebuild the artifact."
             )
 
 

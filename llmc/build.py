@@ -1,4 +1,4 @@
-"""`llmc build`: source -> trace -> passes -> emit -> verify -> artifact (the logic behind the CLI)."""
+"""`llmc build`: source -> trace -> passes -> emit -> verify -> artifact (behind the CLI)."""
 
 from __future__ import annotations
 
@@ -117,8 +117,13 @@ def _verify(config, source, loaded, target, directory: Path):
 
     session = target.session_class()(directory, read_manifest(directory, check_files=False))
     tolerance = config.tolerance or default_tolerance(source.kind)
-    return verify(loaded.model, session, verify_prompts(loaded.tokenizer, session.max_context),
-                  tolerance, decode_steps=config.decode_steps)
+    return verify(
+        loaded.model,
+        session,
+        verify_prompts(loaded.tokenizer, session.max_context),
+        tolerance,
+        decode_steps=config.decode_steps,
+    )
 
 
 def verify_prompts(tokenizer, max_context: int, decode_steps: int = 8) -> list[list[int]]:
@@ -138,7 +143,11 @@ def _manifest(config, source, spec, graph, emitted, reports, loaded) -> dict:
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     gen_eos = getattr(gen_config, "eos_token_id", None)
     eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else getattr(gen_config, "pad_token_id", None)
+    pad = (
+        tok.pad_token_id
+        if tok.pad_token_id is not None
+        else getattr(gen_config, "pad_token_id", None)
+    )
     past = [n for n in graph.input_names if n.startswith("past_key_values.")]
     present = [n for n in graph.output_names if n.startswith("present.")]
     return {
@@ -151,15 +160,22 @@ def _manifest(config, source, spec, graph, emitted, reports, loaded) -> dict:
         },
         "source": source.to_dict(),
         "model": spec.to_dict(),
-        "target": {"name": config.target, "flavor": emitted.flavor,
-                   "files": {"model": emitted.files[0]}},
+        "target": {
+            "name": config.target,
+            "flavor": emitted.flavor,
+            "files": {"model": emitted.files[0]},
+        },
         "io": {
             "inputs": graph.input_names,
             "outputs": graph.output_names,
             "past_inputs": past,
             "present_outputs": present,
-            "dtypes": {"input_ids": "int64", "position_ids": "int64", "attention_mask": "int64",
-                       "logits": "float32"},
+            "dtypes": {
+                "input_ids": "int64",
+                "position_ids": "int64",
+                "attention_mask": "int64",
+                "logits": "float32",
+            },
             "kv_dtype": "float32",
             "kv_layout": "[batch, kv_heads, seq, head_dim]",
             "kv_mode": graph.kv_mode,
@@ -168,14 +184,19 @@ def _manifest(config, source, spec, graph, emitted, reports, loaded) -> dict:
         },
         "quantization": None,
         "passes": [r.to_dict() for r in reports],
-        "graph": {"nodes": sum(emitted.op_histogram.values()), "op_histogram": emitted.op_histogram},
+        "graph": {
+            "nodes": sum(emitted.op_histogram.values()),
+            "op_histogram": emitted.op_histogram,
+        },
         "verification": {"skipped": True},
         "generation": {
             "eos_token_ids": sorted(eos),
             "bos_token_id": tok.bos_token_id,
             "pad_token_id": pad if pad is not None else (min(eos) if eos else 0),
             "chat_template": tok.chat_template if isinstance(tok.chat_template, str) else None,
-            "special_tokens": {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)},
+            "special_tokens": {
+                k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)
+            },
         },
         "build": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": None},
     }

@@ -39,8 +39,12 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as exc:  # an llmc bug: say so, keep the traceback behind --debug
-            _fail(f"internal error: {type(exc).__name__}: {exc} (re-run with --debug for the "
-                  "traceback and report it)", EXIT_INTERNAL, debug)
+            _fail(
+                f"internal error: {type(exc).__name__}: {exc} (re-run with --debug for the "
+                "traceback and report it)",
+                EXIT_INTERNAL,
+                debug,
+            )
 
 
 def _fail(message: str, code: int, debug: bool):
@@ -64,7 +68,8 @@ def cli(debug: bool):
       llmc inspect ARTIFACT                 manifest, op histogram, pass reports
     """
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
     )
 
 
@@ -79,7 +84,9 @@ class _RichProgress:
         start = time.perf_counter()
         with self.console.status(f"{name} …"):
             yield
-        self.console.print(f"[green]✓[/green] {name} [dim]({time.perf_counter() - start:.1f}s)[/dim]")
+        self.console.print(
+            f"[green]✓[/green] {name} [dim]({time.perf_counter() - start:.1f}s)[/dim]"
+        )
 
     def note(self, text: str) -> None:
         self.console.print(f"  {text}")
@@ -87,18 +94,40 @@ class _RichProgress:
 
 @cli.command()
 @click.argument("model", required=False)
-@click.option("--target", "-t", default="onnx", show_default=True,
-              help="Back end to emit for; `llmc targets` lists them.")
-@click.option("--out", "-o", type=click.Path(path_type=Path),
-              help="Artifact directory (default: artifacts/<model>-<target>).")
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Check the artifact against PyTorch eager before keeping it.")
-@click.option("--passes", metavar="-NAME[,-NAME]",
-              help="Disable passes of the target's pipeline, e.g. -eliminate_dead_code.")
-@click.option("--tolerance", type=float,
-              help="Max abs logits difference allowed (default 1e-4 tiny models, 1e-3 others).")
-@click.option("--max-context", type=click.IntRange(min=2),
-              help="Largest sequence the artifact accepts (default: the model's).")
+@click.option(
+    "--target",
+    "-t",
+    default="onnx",
+    show_default=True,
+    help="Back end to emit for; `llmc targets` lists them.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    help="Artifact directory (default: artifacts/<model>-<target>).",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Check the artifact against PyTorch eager before keeping it.",
+)
+@click.option(
+    "--passes",
+    metavar="-NAME[,-NAME]",
+    help="Disable passes of the target's pipeline, e.g. -eliminate_dead_code.",
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    help="Max abs logits difference allowed (default 1e-4 tiny models, 1e-3 others).",
+)
+@click.option(
+    "--max-context",
+    type=click.IntRange(min=2),
+    help="Largest sequence the artifact accepts (default: the model's).",
+)
 def build(model, target, out, verify, passes, tolerance, max_context):
     """Build MODEL into a verified artifact.
 
@@ -109,41 +138,84 @@ def build(model, target, out, verify, passes, tolerance, max_context):
     from llmc.build import build as run_build
     from llmc.config import BuildConfig
 
-    config = BuildConfig(model=model, target=target, out=out, verify=verify, passes=passes,
-                         tolerance=tolerance, max_context=max_context)
+    config = BuildConfig(
+        model=model,
+        target=target,
+        out=out,
+        verify=verify,
+        passes=passes,
+        tolerance=tolerance,
+        max_context=max_context,
+    )
     console = _console()
-    console.print("llmc build " + "  ".join(f"{k}=[bold]{v}[/bold]" for k, v in config.describe().items()))
+    console.print(
+        "llmc build " + "  ".join(f"{k}=[bold]{v}[/bold]" for k, v in config.describe().items())
+    )
     result = run_build(config, progress=_RichProgress())
     files = result.manifest["files"]
     size = sum(f["size"] for f in files.values()) / 1e6
-    console.print(f"[bold green]built[/bold green] {result.path} ({size:.1f} MB, "
-                  f"{result.manifest['graph']['nodes']} nodes)")
+    console.print(
+        f"[bold green]built[/bold green] {result.path} ({size:.1f} MB, "
+        f"{result.manifest['graph']['nodes']} nodes)"
+    )
     click.echo(str(result.path))
 
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("prompt")
-@click.option("--chat", is_flag=True, help="Wrap PROMPT in the model's chat template as a user turn.")
+@click.option(
+    "--chat", is_flag=True, help="Wrap PROMPT in the model's chat template as a user turn."
+)
 @click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
-              help="0 is greedy decoding.")
+@click.option(
+    "--temperature",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="0 is greedy decoding.",
+)
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 is off.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--repetition-penalty", default=1.0, show_default=True,
-              type=click.FloatRange(min=0, min_open=True))
+@click.option(
+    "--repetition-penalty",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+)
 @click.option("--seed", type=int, help="Seed for sampling (reproducible output).")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
-@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: all cores).")
-def run(artifact, prompt, chat, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-        seed, stop, threads):
+@click.option(
+    "--threads", type=click.IntRange(min=1), help="Intra-op threads (default: all cores)."
+)
+def run(
+    artifact,
+    prompt,
+    chat,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    repetition_penalty,
+    seed,
+    stop,
+    threads,
+):
     """Generate text from PROMPT with ARTIFACT, streaming it to stdout."""
     import llmc.runtime as rt
 
     gen = rt.load(artifact, threads=threads)
-    for piece in gen.stream(prompt, chat=chat, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=stop):
+    for piece in gen.stream(
+        prompt,
+        chat=chat,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+    ):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -12,18 +12,25 @@ def render(manifest: dict, directory: Path) -> None:
     console = Console(highlight=False)
     model, target, io = manifest["model"], manifest["target"], manifest["io"]
     size = sum(f["size"] for f in manifest["files"].values())
-    console.print(f"[bold]{directory}[/bold]  llmc {manifest['llmc_version']}, "
-                  f"format {manifest['format_version']}")
+    console.print(
+        f"[bold]{directory}[/bold]  llmc {manifest['llmc_version']}, "
+        f"format {manifest['format_version']}"
+    )
     console.print(f"source   {manifest['source']['kind']} {manifest['source']['ref']}")
     console.print(
-        f"model    {model['architecture']}: {model['num_layers']} layers, {model['num_heads']} heads "
-        f"/ {model['num_kv_heads']} kv heads, head dim {model['head_dim']}, vocab "
-        f"{model['vocab_size']}, context {io['max_context']}"
+        f"model    {model['architecture']}: {model['num_layers']} layers, "
+        f"{model['num_heads']} heads / {model['num_kv_heads']} kv heads, "
+        f"head dim {model['head_dim']}, vocab {model['vocab_size']}, "
+        f"context {io['max_context']}"
     )
-    console.print(f"target   {target['name']} ({target['flavor']}), KV mode {io['kv_mode']}, "
-                  f"logits {io['logits']}")
+    console.print(
+        f"target   {target['name']} ({target['flavor']}), KV mode {io['kv_mode']}, "
+        f"logits {io['logits']}"
+    )
     tools = ", ".join(f"{k} {v}" for k, v in manifest["toolchain"].items())
-    console.print(f"built    {manifest['build']['created']} in {manifest['build']['seconds']}s with {tools}")
+    console.print(
+        f"built    {manifest['build']['created']} in {manifest['build']['seconds']}s with {tools}"
+    )
     ver = manifest["verification"]
     if ver.get("skipped"):
         console.print("verified [yellow]skipped (--no-verify)[/yellow]")
@@ -35,13 +42,16 @@ def render(manifest: dict, directory: Path) -> None:
             f"{ver['greedy_agreement']}/{ver['steps_compared']} vs {ver['reference']}"
         )
 
-    files = Table("file", "MB", "sha256", title=f"files ({size / 1e6:.1f} MB)", title_justify="left")
+    files = Table(
+        "file", "MB", "sha256", title=f"files ({size / 1e6:.1f} MB)", title_justify="left"
+    )
     for name, meta in manifest["files"].items():
         files.add_row(name, f"{meta['size'] / 1e6:.2f}", meta["sha256"][:16])
     console.print(files)
 
-    passes = Table("pass", "modified", "counts", "seconds", "max |Δ|", title="passes",
-                   title_justify="left")
+    passes = Table(
+        "pass", "modified", "counts", "seconds", "max |Δ|", title="passes", title_justify="left"
+    )
     for r in manifest["passes"]:
         diff = "" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
         counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items())
@@ -50,8 +60,9 @@ def render(manifest: dict, directory: Path) -> None:
             passes.add_row("", "", f"[dim]{note}[/dim]", "", "")
     console.print(passes)
 
-    ops = Table("op", "count", title=f"graph ({manifest['graph']['nodes']} nodes)",
-                title_justify="left")
+    ops = Table(
+        "op", "count", title=f"graph ({manifest['graph']['nodes']} nodes)", title_justify="left"
+    )
     for op, n in sorted(manifest["graph"]["op_histogram"].items(), key=lambda kv: -kv[1]):
         ops.add_row(op, str(n))
     console.print(ops)

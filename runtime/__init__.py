@@ -1,4 +1,4 @@
-"""The llmc runtime: load any artifact and generate text (imports numpy and tokenizers, never torch)."""
+"""The llmc runtime: load any artifact and generate text (numpy and tokenizers, never torch)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,42 @@ def load(directory: str | os.PathLike, threads: int | None = None, check: bool =
     name = manifest.get("target", {}).get("name")
     info = TARGETS.get(name)
     if info is None or not info.ready:
-        raise ArtifactError(f"{directory} was built for target {name!r}, which this llmc cannot run.")
+        raise ArtifactError(
+            f"{directory} was built for target {name!r}, which this llmc cannot run."
+        )
     missing = info.missing()
     if missing:
-        raise ArtifactError(f"running a {name} artifact needs {', '.join(missing)}; `{info.install}`.")
+        raise ArtifactError(
+            f"running a {name} artifact needs {', '.join(missing)}; `{info.install}`."
+        )
+    _check_toolchain(directory, manifest, info.runtime_package)
     session = info.session_class()(directory, manifest, threads=threads)
     return Generator(session, Tokenizer(directory, manifest["generation"]), manifest)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _check_toolchain(directory, manifest: dict, package: str) -> None:
+    """Refuse an artifact built with a newer back-end runtime than the one installed here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from llmc.errors import ArtifactError
+
+    built = manifest.get("toolchain", {}).get(package)
+    if not package or not built:
+        return
+    try:
+        here = version(package)
+    except PackageNotFoundError:
+        return  # reported as a missing module by load()
+    if _version_tuple(here)[:2] < _version_tuple(built)[:2]:
+        raise ArtifactError(
+            f"{directory} was built with {package} {built} but {here} is installed; "
+            f"upgrade it with `pip install -U {package}`."
+        )

@@ -50,7 +50,9 @@ class Generator:
         return ids
 
     # -- token loop ------------------------------------------------------------------------------
-    def generate_ids(self, prompts: list[list[int]], config: GenerationConfig) -> Iterator[np.ndarray]:
+    def generate_ids(
+        self, prompts: list[list[int]], config: GenerationConfig
+    ) -> Iterator[np.ndarray]:
         """Yield the next token of every row, step by step; rows that finished repeat their pad.
 
         Prompts of different lengths are left-padded and masked."""
@@ -60,8 +62,8 @@ class Generator:
         ids = np.full((batch, width), pad, dtype=np.int64)
         mask = np.zeros((batch, width), dtype=np.int64)
         for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = p
-            mask[row, width - len(p):] = 1
+            ids[row, width - len(p) :] = p
+            mask[row, width - len(p) :] = 1
         history = [np.asarray(p, dtype=np.int64) for p in prompts]
         sampler = Sampler(config.sampling)
         eos = set() if config.ignore_eos else set(self.tokenizer.eos_token_ids)
@@ -123,7 +125,9 @@ class Generator:
         return [d.text for d in detoks]
 
 
-def _config(max_new_tokens: int = 128, stop=(), ignore_eos: bool = False, **sampling) -> GenerationConfig:
+def _config(
+    max_new_tokens: int = 128, stop=(), ignore_eos: bool = False, **sampling
+) -> GenerationConfig:
     if max_new_tokens < 1:
         raise LlmcError("max_new_tokens must be at least 1.")
     if isinstance(stop, str):

@@ -65,7 +65,7 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: list[np.ndarray]) -> np.ndarray:
         """logits [B, V], history: per row the ids seen so far -> next ids [B]."""
         out = np.empty(logits.shape[0], dtype=np.int64)
-        for row, (row_logits, seen) in enumerate(zip(logits, history)):
+        for row, (row_logits, seen) in enumerate(zip(logits, history, strict=False)):
             row_logits = apply_repetition_penalty(row_logits, seen, self.params.repetition_penalty)
             if self.params.temperature == 0:
                 out[row] = int(np.argmax(row_logits))

@@ -1,4 +1,4 @@
-"""The Session protocol every target implements, and the KV bookkeeping concat-mode targets share."""
+"""The Session protocol every target implements, and shared position/mask bookkeeping."""
 
 from __future__ import annotations
 
@@ -50,4 +50,4 @@ class PositionTracker:
         self.mask = new_mask if self.mask is None else np.concatenate([self.mask, new_mask], 1)
         positions = np.cumsum(self.mask, axis=1) - 1
         positions = np.where(self.mask == 0, 1, positions)  # padding: any valid position
-        return self.mask, positions[:, -new_mask.shape[1]:]
+        return self.mask, positions[:, -new_mask.shape[1] :]

@@ -1,4 +1,4 @@
-"""Tokenizer, chat template and incremental (UTF-8-safe) detokenization, on `tokenizers` + jinja2."""
+"""Tokenizer, chat template and UTF-8-safe incremental detokenization (tokenizers + jinja2)."""
 
 from __future__ import annotations
 
@@ -101,6 +101,6 @@ class Detokenizer:
     def _emit(self, upto: str) -> str:
         if len(upto) <= len(self.text):
             return ""
-        piece = upto[len(self.text):]
+        piece = upto[len(self.text) :]
         self.text = upto
         return piece

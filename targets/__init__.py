@@ -16,6 +16,7 @@ class TargetInfo:
     requires: tuple[str, ...]  # importable modules its build and runtime need
     install: str
     ready: bool = True  # False: planned, not implemented in this version
+    runtime_package: str = ""  # distribution whose version must be >= the one that built it
     description: str = ""
 
     def missing(self) -> list[str]:
@@ -36,16 +37,37 @@ class TargetInfo:
 TARGETS: dict[str, TargetInfo] = {
     t.name: t
     for t in (
-        TargetInfo("onnx", "llmc.targets.onnx", ("onnx", "onnxruntime", "onnxscript"),
-                   "pip install 'llmc[onnx]'", description="ONNX graph run by onnxruntime (CPU)"),
-        TargetInfo("openvino", "llmc.targets.openvino", ("openvino",),
-                   "pip install 'llmc[openvino]'", ready=False,
-                   description="stateful OpenVINO IR (planned)"),
-        TargetInfo("tvm", "llmc.targets.tvm", ("tvm",), "pip install 'llmc[tvm]'", ready=False,
-                   description="TVM Relax module (planned)"),
-        TargetInfo("tensorrt", "llmc.targets.tensorrt", ("tensorrt",),
-                   "pip install 'llmc[tensorrt]' from NVIDIA's index", ready=False,
-                   description="TensorRT engine (planned)"),
+        TargetInfo(
+            "onnx",
+            "llmc.targets.onnx",
+            ("onnx", "onnxruntime", "onnxscript"),
+            "pip install 'llmc[onnx]'",
+            description="ONNX graph run by onnxruntime (CPU)",
+        ),
+        TargetInfo(
+            "openvino",
+            "llmc.targets.openvino",
+            ("openvino",),
+            "pip install 'llmc[openvino]'",
+            ready=False,
+            description="stateful OpenVINO IR (planned)",
+        ),
+        TargetInfo(
+            "tvm",
+            "llmc.targets.tvm",
+            ("tvm",),
+            "pip install 'llmc[tvm]'",
+            ready=False,
+            description="TVM Relax module (planned)",
+        ),
+        TargetInfo(
+            "tensorrt",
+            "llmc.targets.tensorrt",
+            ("tensorrt",),
+            "pip install 'llmc[tensorrt]' from NVIDIA's index",
+            ready=False,
+            description="TensorRT engine (planned)",
+        ),
     )
 }
 

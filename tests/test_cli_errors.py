@@ -68,10 +68,14 @@ def test_unreadable_gguf(tmp_path):
 
 def test_unknown_and_planned_targets(tmp_path):
     out = tmp_path / "out"
-    assert_user_error(invoke("build", "tiny:llama", "--target", "coreml", "-o", out),
-                      "unknown target 'coreml'", "onnx")
-    assert_user_error(invoke("build", "tiny:llama", "--target", "tvm", "-o", out),
-                      "not implemented yet")
+    assert_user_error(
+        invoke("build", "tiny:llama", "--target", "coreml", "-o", out),
+        "unknown target 'coreml'",
+        "onnx",
+    )
+    assert_user_error(
+        invoke("build", "tiny:llama", "--target", "tvm", "-o", out), "not implemented yet"
+    )
     assert_nothing_written(out)
 
 
@@ -88,7 +92,10 @@ def test_hub_id_offline(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "llmc.cli", "build", "someone/some-model", "-o", str(out)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
     assert "could not be fetched from the Hugging Face Hub" in proc.stderr
@@ -107,7 +114,9 @@ def test_modified_artifact_file_is_refused(artifact_copy):
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0xFF
     data.write_bytes(bytes(raw))
-    assert_user_error(invoke("run", artifact_copy, "Hello"), "model.onnx.data does not match its checksum")
+    assert_user_error(
+        invoke("run", artifact_copy, "Hello"), "model.onnx.data does not match its checksum"
+    )
 
 
 def test_missing_artifact_file_is_refused(artifact_copy):
@@ -133,7 +142,9 @@ def test_interrupt_during_build_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmc.cli", "build", "tiny:llama", "-o", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

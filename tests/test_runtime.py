@@ -25,19 +25,41 @@ def test_runtime_does_not_import_torch(tiny_artifact):
 
 def test_manifest_records_the_design_fields(tiny_artifact):
     m = read_manifest(tiny_artifact("qwen2"))
-    for key in ("format_version", "llmc_version", "toolchain", "source", "model", "target", "io",
-                "quantization", "passes", "verification", "files", "generation", "graph"):
+    for key in (
+        "format_version",
+        "llmc_version",
+        "toolchain",
+        "source",
+        "model",
+        "target",
+        "io",
+        "quantization",
+        "passes",
+        "verification",
+        "files",
+        "generation",
+        "graph",
+    ):
         assert key in m, key
     assert m["source"]["kind"] == "tiny" and len(m["source"]["weights_sha256"]) == 64
     assert m["io"]["kv_mode"] == "concat" and m["io"]["inputs"][:3] == [
-        "input_ids", "position_ids", "attention_mask"]
+        "input_ids",
+        "position_ids",
+        "attention_mask",
+    ]
     assert m["io"]["past_inputs"][0] == "past_key_values.0.key"
     assert m["io"]["outputs"][:2] == ["logits", "present.0.key"]
     assert {"model.onnx", "model.onnx.data", "tokenizer.json"} <= set(m["files"])
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
-    assert m["generation"]["eos_token_ids"] == [2] and "<|im_start|>" in m["generation"]["chat_template"]
-    assert {p["name"] for p in m["passes"]} == {"remove_assertions", "remove_noop_casts",
-                                                 "eliminate_dead_code"}
+    assert (
+        m["generation"]["eos_token_ids"] == [2]
+        and "<|im_start|>" in m["generation"]["chat_template"]
+    )
+    assert {p["name"] for p in m["passes"]} == {
+        "remove_assertions",
+        "remove_noop_casts",
+        "eliminate_dead_code",
+    }
 
 
 def test_tied_embedding_is_stored_once(tiny_artifact, tiny_model):

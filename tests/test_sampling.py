@@ -53,8 +53,9 @@ def test_seeded_sampling_is_reproducible_and_follows_distribution():
     np.testing.assert_allclose(np.bincount(draws, minlength=4) / 4000, np.exp(LOGITS), atol=0.03)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-1),
-                                 dict(repetition_penalty=0)])
+@pytest.mark.parametrize(
+    "bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(repetition_penalty=0)]
+)
 def test_invalid_params_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -41,22 +41,30 @@ def test_build_verified_within_design_tolerance(smollm2):
     assert ver["greedy_agreement"] == ver["steps_compared"] == 18
 
 
-@pytest.mark.parametrize("prompt", [
-    "Write a long story about a lighthouse keeper.",
-    "Explain why the sky is blue.",
-])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "Write a long story about a lighthouse keeper.",
+        "Explain why the sky is blue.",
+    ],
+)
 def test_64_greedy_tokens_match_transformers(smollm2, reference, prompt):
     gen = rt.load(smollm2)
     messages = [{"role": "user", "content": prompt}]
     ids = gen.encode(messages)
     want_ids = reference.tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_dict=False)
+        messages, add_generation_prompt=True, return_dict=False
+    )
     assert ids == list(want_ids)
     ours = [int(t[0]) for t in gen.generate_ids([ids], rt.GenerationConfig(64, ignore_eos=True))]
     with torch.no_grad():
         out = reference.model.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=64, min_new_tokens=64, do_sample=False, eos_token_id=None,
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=64,
+            min_new_tokens=64,
+            do_sample=False,
+            eos_token_id=None,
             pad_token_id=reference.tokenizer.pad_token_id,
         )
-    assert ours == out[0, len(ids):].tolist()
+    assert ours == out[0, len(ids) :].tolist()

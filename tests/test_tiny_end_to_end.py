@@ -15,10 +15,15 @@ PROMPT = "What is the capital of France?"
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     out = model.generate(
-        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
     )
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -46,7 +51,7 @@ def test_logits_match_eager(arch, tiny_artifact, tiny_model):
         got.append(gen.session.decode(np.array([[t]])))
     with torch.no_grad():
         full = model(torch.tensor([ids + extra])).logits[0].numpy()
-    want = full[len(ids) - 1:]
+    want = full[len(ids) - 1 :]
     diff = np.abs(np.concatenate(got) - want).max()
     assert diff <= 1e-4, diff
 
@@ -68,8 +73,9 @@ def test_chat_template_matches_transformers(tiny_artifact, tiny_model):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
     want = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert gen.tokenizer.apply_chat_template(messages) == want
-    want_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                              return_dict=False)
+    want_ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_dict=False
+    )
     assert gen.encode(messages) == list(want_ids)
 
 

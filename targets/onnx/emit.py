@@ -35,8 +35,13 @@ def emit(graph: Graph, out_dir: Path) -> EmitResult:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            graph.program, (), dynamo=True, optimize=True, verbose=False,
-            input_names=graph.input_names, output_names=graph.output_names,
+            graph.program,
+            (),
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+            input_names=graph.input_names,
+            output_names=graph.output_names,
         )
     # Weights always go to one external file: no 2 GB protobuf limit, and the graph stays small.
     program.save(str(path), external_data=True)

@@ -54,7 +54,7 @@ class Session:
             empty = np.zeros((batch, *self._kv_shape[:1], 0, self._kv_shape[1]), self._kv_dtype)
             self._past = [empty] * len(self._past_names)
         feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
-        feeds.update(zip(self._past_names, self._past))
+        feeds.update(zip(self._past_names, self._past, strict=False))
         logits, *present = self._sess.run(None, feeds)
         self._past = present  # [B, KVH, T, D] each
         return logits[:, -1, :]  # [B, V]
