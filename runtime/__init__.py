@@ -24,12 +24,12 @@ def load(directory: str | os.PathLike, threads: int | None = None, check: bool =
         raise ArtifactError(
             f"{directory} was built for target {name!r}, which this llmc cannot run."
         )
-    missing = info.missing()
+    missing = info.missing(for_runtime=True)
     if missing:
         raise ArtifactError(
             f"running a {name} artifact needs {', '.join(missing)}; `{info.install}`."
         )
-    _check_toolchain(directory, manifest, info.runtime_package)
+    _check_toolchain(directory, manifest, info.runtime)
     session = info.session_class()(directory, manifest, threads=threads)
     return Generator(session, Tokenizer(directory, manifest["generation"]), manifest)
 

@@ -16,11 +16,12 @@ class TargetInfo:
     requires: tuple[str, ...]  # importable modules its build and runtime need
     install: str
     ready: bool = True  # False: planned, not implemented in this version
-    runtime_package: str = ""  # distribution whose version must be >= the one that built it
+    runtime: str = ""  # the module (and distribution) its session needs, version-checked at load
     description: str = ""
 
-    def missing(self) -> list[str]:
-        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+    def missing(self, for_runtime: bool = False) -> list[str]:
+        needed = (self.runtime,) if for_runtime and self.runtime else self.requires
+        return [m for m in needed if importlib.util.find_spec(m) is None]
 
     # Each target sub-package has the same three modules; they are imported only when used, so the
     # runtime (session) never pulls in the compiler's torch.
@@ -43,6 +44,7 @@ TARGETS: dict[str, TargetInfo] = {
             ("onnx", "onnxruntime", "onnxscript"),
             "pip install 'llmc[onnx]'",
             description="ONNX graph run by onnxruntime (CPU)",
+            runtime="onnxruntime",
         ),
         TargetInfo(
             "openvino",
