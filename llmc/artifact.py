@@ -35,9 +35,12 @@ def file_table(directory: Path) -> dict[str, dict]:
     return table
 
 
-def write_manifest(directory: Path, manifest: dict) -> None:
-    manifest = {**manifest, "format_version": FORMAT_VERSION, "files": file_table(directory)}
+def write_manifest(directory: Path, manifest: dict, files: dict | None = None) -> dict:
+    """Write llmc.json with the file table (computed unless given); return the table."""
+    files = files if files is not None else file_table(directory)
+    manifest = {**manifest, "format_version": FORMAT_VERSION, "files": files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return files
 
 
 def read_manifest(directory: str | os.PathLike, check_files: bool = True) -> dict:

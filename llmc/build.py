@@ -91,7 +91,7 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
             emitted = target.emit(graph, tmp)
         loaded.tokenizer.save_pretrained(tmp)
         manifest = _manifest(config, source, spec, graph, emitted, reports, loaded)
-        write_manifest(tmp, manifest)
+        files = write_manifest(tmp, manifest)  # the session reads it during verification
         if config.verify:
             with progress.stage("verify against PyTorch eager"):
                 result = _verify(config, source, loaded, target, tmp)
@@ -103,7 +103,7 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
                     "nothing was written. Re-run with --debug and report it."
                 )
         manifest["build"]["seconds"] = round(time.perf_counter() - started, 1)
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest, files)  # verification changed no file: reuse the hashes
     return BuildResult(out, read_manifest(out, check_files=False))
 
 
