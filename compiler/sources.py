@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmc.artifact import sha256_file
 from llmc.errors import SourceError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def _load_gguf(source: Source):
     import transformers
 
     path = Path(source.ref)
-    source.weights_sha256 = _file_sha256(path)
+    source.weights_sha256 = sha256_file(path)
     # Parsing and dequantizing a GGUF takes ~50 s for SmolLM2; keep the fp32 result, keyed by hash.
     cached = cache_dir() / "gguf" / source.weights_sha256[:32]
     if not (cached / "config.json").is_file():
@@ -222,21 +223,13 @@ _LOADERS = {
 }
 
 
-def _file_sha256(path: Path, h=None) -> str:
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _dir_weights_sha256(path: Path) -> str:
     """One hash over the directory's weight files, in name order."""
     h = hashlib.sha256()
     for f in sorted(os.listdir(path)):
         if f.endswith((".safetensors", ".bin", ".pt")):
             h.update(f.encode())
-            _file_sha256(path / f, h)
+            sha256_file(path / f, h)
     return h.hexdigest()
 
 

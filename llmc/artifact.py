@@ -17,8 +17,9 @@ MANIFEST = "llmc.json"
 FORMAT_VERSION = 1
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path, h=None) -> str:
+    """sha256 of a file; with `h`, feed the file into that running hash and return its digest."""
+    h = h if h is not None else hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
