@@ -1,8 +1,10 @@
-"""Decode speed, TTFT, build time, size and peak RSS of llmc vs transformers eager (JSON out).
+"""Decode speed, TTFT, build time, size and peak RSS of llmc vs onnxruntime-genai and
+transformers eager (JSON out).
 
 Protocol (bench/README.md): SmolLM2-135M-Instruct, chat prompt, greedy, exactly 128 new tokens,
 2 threads, 1 warm-up then the median of 3 runs; each engine runs in its own process so that its
-peak RSS is its own.
+peak RSS is its own. onnxruntime-genai lives in its own environment (bench/.venv-ref, created on
+first use, layered over the project's .venv) so the project never depends on it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ NEW_TOKENS = 128
 TTFT_TOKENS = 512
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare-dev.txt"
+REF_ENV = ROOT / "bench" / ".venv-ref"
+OG_VERSION = "0.18.0"
+CACHE = Path(os.environ.get("LLMC_CACHE", Path.home() / ".cache" / "llmc")) / "bench"
 
 
 def _peak_rss_mb() -> float:
@@ -116,9 +121,108 @@ def run_transformers(threads: int, runs: int) -> dict:
     return _measure(timed, ids, long_ids, runs)
 
 
-def _child(engine: str, args) -> dict:
+def _prompts(artifact: str) -> tuple[list[int], list[int]]:
+    """The same prompt token ids for every engine (the artifact's tokenizer, no torch)."""
+    import llmc.runtime as rt
+
+    gen = rt.load(artifact, check=False)
+    ids = gen.encode(PROMPT, chat=True)
+    return ids, _long_prompt(lambda t: gen.tokenizer.encode(t, add_special_tokens=False))
+
+
+def run_ort_genai(model_dir: str, artifact: str, threads: int, runs: int) -> dict:
+    import onnxruntime_genai as og
+
+    config = og.Config(model_dir)
+    overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
+    config.overlay(json.dumps(overlay))
+    model = og.Model(config)
+    ids, long_ids = _prompts(artifact)
+
+    def timed(prompt_ids, n):
+        params = og.GeneratorParams(model)
+        total = len(prompt_ids) + n  # its shared KV buffer is sized to max_length
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        generator = og.Generator(model, params)
+        stamps, tokens = [], []
+        start = time.perf_counter()
+        generator.append_tokens(prompt_ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+            stamps.append(time.perf_counter())
+            tokens.append(int(generator.get_next_tokens()[0]))
+        return start, stamps, tokens
+
+    result = _measure(timed, ids, long_ids, runs)
+    result["version"] = og.__version__
+    return result
+
+
+def _reference_env() -> Path:
+    """bench/.venv-ref: a venv over the project's .venv with onnxruntime-genai added."""
+    python = REF_ENV / "bin" / "python"
+    if not python.exists():
+        base = Path(sys.base_prefix) / "bin" / "python3"
+        subprocess.run([str(base), "-m", "venv", str(REF_ENV)], check=True)
+        site = next(REF_ENV.glob("lib/python3*/site-packages"))
+        ours = next(Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+        # addsitedir also runs the .pth files there (the editable llmc install is one)
+        (site / "llmc-project.pth").write_text(f"import site; site.addsitedir({str(ours)!r})\n")
+    check = subprocess.run([str(python), "-c", "import onnxruntime_genai"], capture_output=True)
+    if check.returncode:
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                f"onnxruntime-genai=={OG_VERSION}",
+            ],
+            check=True,
+        )
+    return python
+
+
+def _reference_model(python: Path) -> Path:
+    """onnxruntime-genai's fp32 CPU model of the same weights, built by its model builder."""
+    out = CACHE / f"ort-genai-{OG_VERSION}-fp32"
+    if (out / "genai_config.json").is_file():
+        return out
+    hf_dir = CACHE / "smollm2-hf"
+    if not (hf_dir / "config.json").is_file():
+        from llmc.compiler import sources
+
+        loaded = sources.load(sources.resolve(None))
+        loaded.model.save_pretrained(hf_dir)
+        loaded.tokenizer.save_pretrained(hf_dir)
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(hf_dir),
+            "-o",
+            str(out),
+            "-p",
+            "fp32",
+            "-e",
+            "cpu",
+            "-c",
+            str(CACHE / "ort-genai-cache"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def _child(engine: str, args, python: str | None = None, extra: list[str] = ()) -> dict:
+    """One round of one engine in a fresh process: a warm-up, then `--runs-per-child` runs."""
     cmd = [
-        sys.executable,
+        python or sys.executable,
         __file__,
         "--engine",
         engine,
@@ -127,7 +231,8 @@ def _child(engine: str, args) -> dict:
         "--threads",
         str(args.threads),
         "--runs",
-        str(args.runs),
+        str(args.runs_per_child),
+        *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -153,18 +258,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", default=str(ROOT / "artifacts" / "bench-smollm2-onnx"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="Rounds (one process per engine).")
+    parser.add_argument("--runs-per-child", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--rebuild", action="store_true", help="Build even if the artifact exists.")
-    parser.add_argument("--engine", choices=["llmc", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--engine", choices=["llmc", "transformers", "ort-genai"], help=argparse.SUPPRESS
+    )
+    parser.add_argument("--ref-model", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--skip-transformers", action="store_true", help="Leave transformers eager out."
+    )
     parser.add_argument("--json", type=Path, help="Also write the result to this file.")
     args = parser.parse_args()
     if args.engine:  # child process: one engine, one JSON line
-        fn = run_llmc if args.engine == "llmc" else None
-        result = (
-            fn(args.artifact, args.threads, args.runs)
-            if fn
-            else run_transformers(args.threads, args.runs)
-        )
+        if args.engine == "llmc":
+            result = run_llmc(args.artifact, args.threads, args.runs)
+        elif args.engine == "ort-genai":
+            result = run_ort_genai(args.ref_model, args.artifact, args.threads, args.runs)
+        else:
+            result = run_transformers(args.threads, args.runs)
         print(json.dumps(result))
         return
 
@@ -174,12 +286,23 @@ def main():
     manifest = json.loads((Path(args.artifact) / "llmc.json").read_text())
     build.setdefault("build_s", manifest["build"]["seconds"])
     size = sum(f["size"] for f in manifest["files"].values()) / 1e6
-    ours = {**_child("llmc", args), **build, "size_mb": round(size, 1)}
-    ref = _child("transformers", args)
-    same = next(
-        (i for i, (a, b) in enumerate(zip(ours["tokens"], ref["tokens"], strict=False)) if a != b),
-        min(len(ours["tokens"]), len(ref["tokens"])),
-    )
+    python = _reference_env()
+    ref_model = _reference_model(python)
+    children = {
+        "llmc-onnx": lambda: _child("llmc", args),
+        "onnxruntime-genai": lambda: _child(
+            "ort-genai", args, python=str(python), extra=["--ref-model", str(ref_model)]
+        ),
+    }
+    if not args.skip_transformers:
+        children["transformers-eager"] = lambda: _child("transformers", args)
+    # Rounds interleave the engines, so that a slow spell of this shared machine hits all alike.
+    rounds: dict[str, list[dict]] = {name: [] for name in children}
+    for _ in range(args.runs):
+        for name, child in children.items():
+            rounds[name].append(child())
+    engines = {name: _merge(results) for name, results in rounds.items()}
+    ours = engines["llmc-onnx"] = {**engines["llmc-onnx"], **build, "size_mb": round(size, 1)}
     report = {
         "protocol": {
             "model": "SmolLM2-135M-Instruct fp32",
@@ -188,24 +311,49 @@ def main():
             "new_tokens": NEW_TOKENS,
             "ttft_prompt_tokens": TTFT_TOKENS,
             "threads": args.threads,
-            "warmup": 1,
-            "runs": args.runs,
+            "warmup": "1 per process",
+            "rounds": args.runs,
+            "order": "interleaved: each round runs every engine once, in its own process",
             "stat": "median",
         },
         "engines": {
-            "llmc-onnx": {k: v for k, v in ours.items() if k != "tokens"},
-            "transformers-eager": {k: v for k, v in ref.items() if k != "tokens"},
-        },
-        "greedy_identical_prefix": same,
-        "ratios_llmc_over_transformers": {
-            "decode_tok_s": round(ours["decode_tok_s"] / ref["decode_tok_s"], 3),
-            "ttft512_s": round(ours["ttft512_s"] / ref["ttft512_s"], 3),
+            name: {k: v for k, v in result.items() if k != "tokens"}
+            for name, result in engines.items()
         },
     }
+    for name, result in engines.items():
+        if name == "llmc-onnx":
+            continue
+        key = name.split("-")[0] if name.startswith("transformers") else name
+        report[f"greedy_identical_prefix_vs_{key}"] = _same_prefix(ours["tokens"], result["tokens"])
+        report[f"ratios_llmc_over_{key}"] = {
+            "decode_tok_s": round(ours["decode_tok_s"] / result["decode_tok_s"], 3),
+            "ttft512_s": round(ours["ttft512_s"] / result["ttft512_s"], 3),
+        }
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
+
+
+def _merge(results: list[dict]) -> dict:
+    """Medians over rounds; the per-round figures are kept beside them."""
+    decode = [x for r in results for x in r["decode_runs"]]
+    ttft = [x for r in results for x in r["ttft_runs"]]
+    return {
+        **results[-1],
+        "decode_tok_s": statistics.median(decode),
+        "ttft512_s": statistics.median(ttft),
+        "decode_runs": decode,
+        "ttft_runs": ttft,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+    }
+
+
+def _same_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading greedy tokens two engines agree on."""
+    pairs = enumerate(zip(a, b, strict=False))
+    return next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
 
 
 if __name__ == "__main__":

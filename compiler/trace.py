@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from llmc.compiler.spec import ModelSpec
+
+ATTENTION_NAME = "llmc"
+
+
+@dataclass
+class TraceOptions:
+    """What trace-time passes asked for (they are passes all the same, with reports).
+
+    attention: "model" keeps the model's own attention (concat KV through the cache layer);
+    "llmc" routes every attention call to one `llmc::attention` op.
+    kv_mode: "concat" (present = past ++ new) or "shared" (a buffer per layer, written in place;
+    needs llmc attention).
+    """
+
+    attention: str = "model"
+    kv_mode: str = "concat"
+    notes: list[str] = field(default_factory=list)
+
+    def attention_impl(self, model: torch.nn.Module) -> str:
+        if self.attention == ATTENTION_NAME:
+            return ATTENTION_NAME
+        return model.config._attn_implementation
 
 
 class ExplicitKVLayer(DynamicLayer):
@@ -24,6 +48,82 @@ class ExplicitKVLayer(DynamicLayer):
         return self.keys.shape[-2]
 
 
+class PassThroughLayer(ExplicitKVLayer):
+    """With llmc attention the op itself updates the cache: `update` hands back the new k/v."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+
+class _AttentionContext(threading.local):
+    """The current trace's past tensors and sequence info, read by the llmc attention function."""
+
+    active: dict | None = None
+
+
+_CONTEXT = _AttentionContext()
+
+
+def _llmc_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    sliding_window=None,
+    softcap=None,
+    **kwargs,
+):
+    """transformers AttentionInterface entry: q/k/v [B, H, S, D] -> ([B, S, H, D], None)."""
+    ctx = _CONTEXT.active
+    if ctx is None:
+        raise RuntimeError("llmc attention called outside an llmc trace")
+    layer = module.layer_idx
+    past_k, past_v = ctx["past"][layer]
+    heads, head_dim = query.shape[1], query.shape[3]
+    out, present_k, present_v = torch.ops.llmc.attention(
+        query.transpose(1, 2).flatten(2),
+        key.transpose(1, 2).flatten(2),
+        value.transpose(1, 2).flatten(2),
+        past_k,
+        past_v,
+        ctx["seq_info"],
+        ctx["total"],
+        float(scaling if scaling is not None else head_dim**-0.5),
+        int(sliding_window or 0),
+        float(softcap or 0.0),
+        None,
+        None,
+        ctx["shared"],
+    )
+    ctx["present"][layer] = (present_k, present_v)
+    return out.unflatten(-1, (heads, head_dim)), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    import llmc.compiler.ops  # noqa: F401  (registers the llmc ops)
+
+    AttentionInterface.register(ATTENTION_NAME, _llmc_attention)
+
+
+@contextlib.contextmanager
+def attention_implementation(model: torch.nn.Module, name: str):
+    """Switch the model's attention implementation for the duration of a trace, then restore it.
+    No mask function is registered for "llmc": transformers then builds no mask at all."""
+    previous = model.config._attn_implementation
+    if name == ATTENTION_NAME:
+        _register_attention()
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
 def cache_kwarg(model: torch.nn.Module) -> str:
     """transformers 5 renamed `past_key_values` to `cache` in some models: use what it takes."""
     params = inspect.signature(model.forward).parameters
@@ -37,25 +137,52 @@ class KVWrapper(torch.nn.Module):
     With `all_logits=False` only the last position's logits are computed (generation graphs).
     """
 
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec, all_logits: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: ModelSpec,
+        all_logits: bool = True,
+        options: TraceOptions | None = None,
+    ):
         super().__init__()
         self.model = model
         self.num_layers = spec.num_layers
         self.all_logits = all_logits
+        self.options = options or TraceOptions()
         self._cache_kwarg = cache_kwarg(model)
 
-    def forward(self, input_ids, position_ids, attention_mask, *past):
-        layers = [ExplicitKVLayer(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+    def forward(self, input_ids, position_ids, seq_info, *past):
+        """seq_info: the attention mask [B, past+S] (concat) or seqlens_k [B] int32 (shared)."""
+        opts = self.options
+        llmc = opts.attention == ATTENTION_NAME
+        layer_cls = PassThroughLayer if llmc else ExplicitKVLayer
+        layers = [layer_cls(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
         cache = Cache(layers=layers)
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            use_cache=True,
-            logits_to_keep=0 if self.all_logits else 1,
-            **{self._cache_kwarg: cache},
-        )
-        present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        shared = opts.kv_mode == "shared"
+        ctx = {
+            "past": [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)],
+            "seq_info": seq_info,
+            # GroupQueryAttention's total_sequence_length, computed once for every layer
+            "total": (seq_info.max() + 1).to(torch.int32) if shared else None,
+            "shared": shared,
+            "present": {},
+        }
+        _CONTEXT.active = ctx if llmc else None
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=None if shared else seq_info,
+                use_cache=True,
+                logits_to_keep=0 if self.all_logits else 1,
+                **{self._cache_kwarg: cache},
+            )
+        finally:
+            _CONTEXT.active = None
+        if llmc:
+            present = [t for i in range(self.num_layers) for t in ctx["present"][i]]
+        else:
+            present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         return (out.logits, *present)
 
 
@@ -68,17 +195,32 @@ class TraceResult:
     output_names: list[str]
 
 
-def io_names(spec: ModelSpec) -> tuple[list[str], list[str]]:
+def io_names(spec: ModelSpec, kv_mode: str = "concat") -> tuple[list[str], list[str]]:
     """Input and output names of the KV-cache contract (DESIGN.md)."""
     past = [f"past_key_values.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
-    return ["input_ids", "position_ids", "attention_mask", *past], ["logits", *present]
+    seq_info = "seqlens_k" if kv_mode == "shared" else "attention_mask"
+    return ["input_ids", "position_ids", seq_info, *past], ["logits", *present]
 
 
-def example_inputs(spec: ModelSpec, batch: int = 2, seq: int = 3, past: int = 4):
-    """Inputs for one chunked-prefill step: `seq` new tokens after `past` cached ones."""
+def example_inputs(
+    spec: ModelSpec, batch: int = 2, seq: int = 3, past: int = 4, kv_mode: str = "concat"
+):
+    """Inputs for one chunked-prefill step: `seq` new tokens after `past` cached ones.
+
+    In shared mode the KV buffers hold `past + seq + 2` positions (the tail is never read) and
+    rows have different lengths, as they do in a batch."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=g)
+    if kv_mode == "shared":
+        lengths = torch.tensor([past + seq - (row % 2) for row in range(batch)])
+        pos = (lengths - seq).unsqueeze(1) + torch.arange(seq)
+        capacity = past + seq + 2
+        kv = [
+            torch.randn(batch, spec.num_kv_heads, capacity, spec.head_dim, generator=g)
+            for _ in range(2 * spec.num_layers)
+        ]
+        return (ids, pos, (lengths - 1).to(torch.int32), *kv)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     kv = [
@@ -88,25 +230,36 @@ def example_inputs(spec: ModelSpec, batch: int = 2, seq: int = 3, past: int = 4)
     return (ids, pos, mask, *kv)
 
 
-def trace(model: torch.nn.Module, spec: ModelSpec, all_logits: bool = False) -> TraceResult:
+def trace(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    all_logits: bool = True,
+    options: TraceOptions | None = None,
+) -> TraceResult:
     """torch.export (non-strict) with dynamic batch, sequence and past length: one graph serves
-    prefill (past 0), chunked prefill and decode."""
+    prefill (past 0), chunked prefill and decode. Logits come for every position; the
+    `prune_lm_head` pass keeps the last one in generation graphs."""
     from torch.export import Dim
 
-    wrapper = KVWrapper(model, spec, all_logits=all_logits).eval()
+    options = options or TraceOptions()
+    wrapper = KVWrapper(model, spec, all_logits=all_logits, options=options).eval()
     batch = Dim("batch", min=1, max=64)
     seq = Dim("seq", min=1, max=spec.max_context)
-    past = Dim("past", min=0, max=spec.max_context)
-    kv_shape = {0: batch, 2: past}
+    if options.kv_mode == "shared":
+        capacity = Dim("capacity", min=2, max=spec.max_context)
+        kv_shape = {0: batch, 2: capacity}
+        seq_info = {0: batch}
+    else:
+        kv_shape = {0: batch, 2: Dim("past", min=0, max=spec.max_context)}
+        seq_info = {0: batch, 1: Dim.AUTO}
     dynamic = (
         {0: batch, 1: seq},
         {0: batch, 1: seq},
-        {0: batch, 1: Dim.AUTO},
+        seq_info,
         tuple([kv_shape] * (2 * spec.num_layers)),
     )
-    with torch.no_grad():
-        program = torch.export.export(
-            wrapper, example_inputs(spec), dynamic_shapes=dynamic, strict=False
-        )
-    inputs, outputs = io_names(spec)
+    example = example_inputs(spec, kv_mode=options.kv_mode)
+    with torch.no_grad(), attention_implementation(model, options.attention_impl(model)):
+        program = torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=False)
+    inputs, outputs = io_names(spec, options.kv_mode)
     return TraceResult(program, inputs, outputs)

@@ -68,7 +68,7 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
     with progress.stage(f"load {source.kind} model {source.ref}"):
         loaded = sources.load(source)
     from llmc.compiler.graph import Graph
-    from llmc.compiler.pass_manager import run_pipeline
+    from llmc.compiler.pass_manager import run_pipeline, trace_options
     from llmc.compiler.spec import ModelSpec
     from llmc.compiler.trace import trace
 
@@ -80,9 +80,17 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
                 "pass a smaller value."
             )
         spec = dataclasses.replace(spec, max_context=config.max_context)
+    options = trace_options(passes, loaded.model)
     with progress.stage("trace with torch.export"):
-        traced = trace(loaded.model, spec)
-    graph = Graph(traced.program, spec, traced.input_names, traced.output_names)
+        traced = trace(loaded.model, spec, options=options)
+    graph = Graph(
+        traced.program,
+        spec,
+        traced.input_names,
+        traced.output_names,
+        kv_mode=options.kv_mode,
+        notes=list(options.notes),
+    )
     with progress.stage(f"run {len(passes)} passes"):
         reports = run_pipeline(graph, passes)
 
@@ -166,7 +174,7 @@ def _manifest(config, source, spec, graph, emitted, reports, loaded) -> dict:
             "files": {"model": emitted.files[0]},
         },
         "io": {
-            "inputs": graph.input_names,
+            "inputs": emitted.inputs or graph.input_names,
             "outputs": graph.output_names,
             "past_inputs": past,
             "present_outputs": present,
@@ -179,7 +187,7 @@ def _manifest(config, source, spec, graph, emitted, reports, loaded) -> dict:
             "kv_dtype": "float32",
             "kv_layout": "[batch, kv_heads, seq, head_dim]",
             "kv_mode": graph.kv_mode,
-            "logits": "last",
+            "logits": graph.logits,
             "max_context": spec.max_context,
         },
         "quantization": None,

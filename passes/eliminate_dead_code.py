@@ -1,4 +1,5 @@
-"""Erase nodes whose results nothing uses (side-effect-free ones only).
+"""Erase nodes whose results nothing uses (side-effect-free ones only), and the weights and
+constants nothing reads any more.
 
 Before: a = aten.mul(x, 2); out = aten.add(x, 1)     (a unused)
 After:  out = aten.add(x, 1)
@@ -17,4 +18,9 @@ class EliminateDeadCode:
         before = len(graph.fx.nodes)
         graph.fx.eliminate_dead_code()
         removed = before - len(graph.fx.nodes)
-        return PassReport(self.name, modified=removed > 0, counts={"removed": removed})
+        tensors = graph.drop_unused_tensors()
+        return PassReport(
+            self.name,
+            modified=removed + tensors > 0,
+            counts={"removed": removed, "tensors": tensors},
+        )

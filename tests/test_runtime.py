@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 
 import llmc.runtime as rt
 from llmc.artifact import read_manifest
+from llmc.targets.onnx.pipeline import pipeline
 
 
 def test_runtime_does_not_import_torch(tiny_artifact):
@@ -42,11 +44,8 @@ def test_manifest_records_the_design_fields(tiny_artifact):
     ):
         assert key in m, key
     assert m["source"]["kind"] == "tiny" and len(m["source"]["weights_sha256"]) == 64
-    assert m["io"]["kv_mode"] == "concat" and m["io"]["inputs"][:3] == [
-        "input_ids",
-        "position_ids",
-        "attention_mask",
-    ]
+    assert m["io"]["kv_mode"] == "shared" and m["io"]["inputs"][0] == "input_ids"
+    assert "seqlens_k" in m["io"]["inputs"] and m["io"]["logits"] == "last"
     assert m["io"]["past_inputs"][0] == "past_key_values.0.key"
     assert m["io"]["outputs"][:2] == ["logits", "present.0.key"]
     assert {"model.onnx", "model.onnx.data", "tokenizer.json"} <= set(m["files"])
@@ -55,11 +54,8 @@ def test_manifest_records_the_design_fields(tiny_artifact):
         m["generation"]["eos_token_ids"] == [2]
         and "<|im_start|>" in m["generation"]["chat_template"]
     )
-    assert {p["name"] for p in m["passes"]} == {
-        "remove_assertions",
-        "remove_noop_casts",
-        "eliminate_dead_code",
-    }
+    assert [p["name"] for p in m["passes"]] == [p.name for p in pipeline()]
+    assert m["graph"]["op_histogram"]["com.microsoft::GroupQueryAttention"] == 2
 
 
 def test_tied_embedding_is_stored_once(tiny_artifact, tiny_model):
@@ -67,9 +63,10 @@ def test_tied_embedding_is_stored_once(tiny_artifact, tiny_model):
     assert model.config.tie_word_embeddings
     unique = {p.data_ptr(): p.numel() for p in model.parameters()}
     onnx_model = onnx.load(str(tiny_artifact("llama") / "model.onnx"))
-    big = [i for i in onnx_model.graph.initializer if len(i.dims) == 2 and i.dims[0] == 512]
+    big = [i for i in onnx_model.graph.initializer if list(i.dims) == [512, 64]]
     assert len(big) == 1  # the [vocab, hidden] matrix appears once
-    total = sum(int(__import__("numpy").prod(i.dims)) for i in onnx_model.graph.initializer)
+    weights = [i for i in onnx_model.graph.initializer if not i.name.startswith("rotary_")]
+    total = sum(int(np.prod(i.dims)) for i in weights)  # the cos/sin tables are not weights
     assert total < sum(unique.values()) * 1.05
 
 
@@ -77,3 +74,29 @@ def test_generate_respects_max_new_tokens_and_context(tiny_artifact):
     gen = rt.load(tiny_artifact("llama", max_context=24))
     steps = list(gen.generate_ids([gen.encode("Hello")], rt.GenerationConfig(100, ignore_eos=True)))
     assert len(steps) == 24 - len(gen.encode("Hello"))  # stops at the context, no error
+
+
+def test_shared_kv_decode_reuses_its_buffers_and_binding(tiny_artifact):
+    gen = rt.load(tiny_artifact("llama"))
+    session = gen.session
+    session.prefill(np.array([gen.encode("Hello, world")]))
+    session.decode(np.array([[5]]))
+    binding, buffer = session._decode[0], session._buffers[0].ctypes.data
+    for token in range(6, 12):
+        session.decode(np.array([[token]]))
+    # in place: the same buffers and the same binding at every step, nothing reallocated
+    assert session._decode[0] is binding and session._buffers[0].ctypes.data == buffer
+
+
+def test_shared_kv_grows_past_its_first_capacity_like_concat(tiny_artifact):
+    shared = rt.load(tiny_artifact("llama"))
+    concat = rt.load(tiny_artifact("llama", passes="-rewire_kv_cache"))
+    assert concat.manifest["io"]["kv_mode"] == "concat"
+    assert "com.microsoft::GroupQueryAttention" not in concat.manifest["graph"]["op_histogram"]
+    prompt = [shared.encode("Once upon a time")]
+    config = rt.GenerationConfig(300, ignore_eos=True)
+    a = np.concatenate(list(shared.generate_ids(prompt, config)))
+    assert shared.session.capacity == 512  # 256 first, grown once
+    b = np.concatenate(list(concat.generate_ids(prompt, config)))
+    assert len(a) == len(b) == 300
+    assert np.array_equal(a, b)  # same tokens through the buffer growth

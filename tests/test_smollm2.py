@@ -41,6 +41,25 @@ def test_build_verified_within_design_tolerance(smollm2):
     assert ver["greedy_agreement"] == ver["steps_compared"] == 18
 
 
+def test_graph_is_fused(smollm2):
+    """Issue 3's bar: one attention per layer, fused norms, one QKV matmul per layer, no Softmax,
+    at most 400 nodes."""
+    manifest = rt.load(smollm2).manifest
+    ops = manifest["graph"]["op_histogram"]
+    layers = manifest["model"]["num_layers"]
+    assert ops["com.microsoft::GroupQueryAttention"] == layers == 30
+    assert ops["com.microsoft::SkipSimplifiedLayerNormalization"] == 2 * layers
+    assert ops["SimplifiedLayerNormalization"] == 1
+    assert "Softmax" not in ops and "RotaryEmbedding" not in ops
+    # qkv, o_proj, gate_up, down per layer, and the lm_head
+    assert ops["MatMul"] == 4 * layers + 1
+    assert manifest["graph"]["nodes"] <= 400
+    assert manifest["io"]["kv_mode"] == "shared" and manifest["io"]["logits"] == "last"
+    reports = {p["name"]: p for p in manifest["passes"]}
+    assert reports["fuse_qkv"]["counts"]["fused"] == layers
+    assert reports["replace_attention"]["counts"]["attention"] == layers
+
+
 @pytest.mark.parametrize(
     "prompt",
     [
@@ -48,7 +67,7 @@ def test_build_verified_within_design_tolerance(smollm2):
         "Explain why the sky is blue.",
     ],
 )
-def test_64_greedy_tokens_match_transformers(smollm2, reference, prompt):
+def test_128_greedy_tokens_match_transformers(smollm2, reference, prompt):
     gen = rt.load(smollm2)
     messages = [{"role": "user", "content": prompt}]
     ids = gen.encode(messages)
@@ -56,13 +75,14 @@ def test_64_greedy_tokens_match_transformers(smollm2, reference, prompt):
         messages, add_generation_prompt=True, return_dict=False
     )
     assert ids == list(want_ids)
-    ours = [int(t[0]) for t in gen.generate_ids([ids], rt.GenerationConfig(64, ignore_eos=True))]
+    config = rt.GenerationConfig(128, ignore_eos=True)
+    ours = [int(t[0]) for t in gen.generate_ids([ids], config)]
     with torch.no_grad():
         out = reference.model.generate(
             torch.tensor([ids]),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=64,
-            min_new_tokens=64,
+            max_new_tokens=128,
+            min_new_tokens=128,
             do_sample=False,
             eos_token_id=None,
             pad_token_id=reference.tokenizer.pad_token_id,

@@ -22,6 +22,7 @@ class EmitResult:
     op_histogram: dict[str, int]
     toolchain: dict[str, str]
     flavor: str = "onnxruntime-cpu"
+    inputs: list[str] | None = None  # the emitted graph's inputs (unused ones may be dropped)
 
 
 def emit(graph: Graph, out_dir: Path) -> EmitResult:
@@ -30,18 +31,25 @@ def emit(graph: Graph, out_dir: Path) -> EmitResult:
     import onnxscript
     import torch
 
+    from llmc.compiler import ops
+    from llmc.targets.onnx.lowering import translation_table
+
     path = Path(out_dir) / MODEL_FILE
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    table = translation_table(shared_kv=graph.kv_mode == "shared")
+    # Ops onnxruntime has no kernel for in this form go back to plain ATen (DESIGN.md).
+    program = ops.decompose(graph.program, keep=set(table))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            graph.program,
+            program,
             (),
             dynamo=True,
             optimize=True,
             verbose=False,
             input_names=graph.input_names,
             output_names=graph.output_names,
+            custom_translation_table=table,
         )
     # Weights always go to one external file: no 2 GB protobuf limit, and the graph stays small.
     program.save(str(path), external_data=True)
@@ -58,4 +66,5 @@ def emit(graph: Graph, out_dir: Path) -> EmitResult:
         "onnxscript": onnxscript.__version__,
         "opset": str(max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))),
     }
-    return EmitResult(files, dict(sorted(histogram.items())), toolchain)
+    inputs = [i.name for i in model.graph.input]
+    return EmitResult(files, dict(sorted(histogram.items())), toolchain, inputs=inputs)

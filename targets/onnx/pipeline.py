@@ -5,14 +5,36 @@ from __future__ import annotations
 
 def pipeline() -> list:
     from llmc.passes.eliminate_dead_code import EliminateDeadCode
+    from llmc.passes.fold_layout import FoldLayout
+    from llmc.passes.fuse_projections import FuseGateUp, FuseQkv
+    from llmc.passes.fuse_rms_norm import FuseRmsNorm
+    from llmc.passes.fuse_rotary import FuseRotary
+    from llmc.passes.fuse_rotary_attention import FuseRotaryAttention
+    from llmc.passes.fuse_skip_rms_norm import FuseSkipRmsNorm
+    from llmc.passes.pack_qkv import PackQkv
+    from llmc.passes.prune_lm_head import PruneLmHead
     from llmc.passes.remove_assertions import RemoveAssertions
     from llmc.passes.remove_noop_casts import RemoveNoopCasts
+    from llmc.passes.replace_attention import ReplaceAttention
+    from llmc.passes.rewire_kv_cache import RewireKvCache
 
     return [
+        # Phase 0, at trace time: one llmc::attention per layer, shared KV buffers.
+        ReplaceAttention(),
+        RewireKvCache("shared"),
         # Phase 1: clean up what tracing leaves behind.
         RemoveAssertions(),
         RemoveNoopCasts(),
-        # Phase 2: fusions and KV rewiring arrive here (see the passes issue).
-        # Phase 3: tidy up.
+        # Phase 2: fusions onto llmc ops.
+        FuseRmsNorm(),
+        FuseSkipRmsNorm(),
+        FuseRotary(),
+        FuseQkv(),
+        FuseGateUp(),
+        # Phase 3: shape the graph for onnxruntime's kernels, then tidy up.
+        FoldLayout(),
+        PruneLmHead(),
+        FuseRotaryAttention(),
+        PackQkv(),
         EliminateDeadCode(),
     ]

@@ -1,4 +1,17 @@
-"""Runtime session for ONNX artifacts on onnxruntime (numpy in, numpy out; no torch)."""
+"""Runtime sessions for ONNX artifacts on onnxruntime (numpy in, numpy out; no torch).
+
+`shared` KV mode (the default pipeline): one buffer per layer, [batch, kv_heads, capacity,
+head_dim], owned here and bound through onnxruntime I/O binding as both the past input and the
+present output, so GroupQueryAttention writes each step's keys and values in place. A decode
+step copies no cache and allocates nothing: its inputs live in preallocated arrays and its
+binding is reused. Rows are prefilled one by one (onnxruntime's CPU GroupQueryAttention takes a
+multi-token step with a cache for one row only), without padding, so every row's positions are
+its cache indices, and in chunks of PREFILL_CHUNK tokens (a causal prompt's later chunks attend
+to the earlier ones through the cache, which skips the masked half of the score matrix).
+
+`concat` KV mode (when `rewire_kv_cache` is disabled): the runtime feeds the present tensors back
+as the next step's past.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +20,50 @@ from pathlib import Path
 
 import numpy as np
 
+from llmc.errors import ContextLengthError
 from llmc.runtime.session import PositionTracker
 
+CAPACITY_STEP = 256  # buffer positions are reserved in multiples of this
+PREFILL_CHUNK = 256  # long prompts run in chunks: less attention work, bounded scratch memory
 
-class Session:
-    """Concat-mode KV cache: the runtime keeps past tensors and feeds them back each step."""
 
-    def __init__(self, directory: str | os.PathLike, manifest: dict, threads: int | None = None):
-        import onnxruntime as ort
+def _open(directory, manifest: dict, threads: int | None):
+    import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or 0
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        path = Path(directory) / manifest["target"]["files"]["model"]
-        self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        model = manifest["model"]
-        io = manifest["io"]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or 0
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    path = Path(directory) / manifest["target"]["files"]["model"]
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def Session(directory: str | os.PathLike, manifest: dict, threads: int | None = None):
+    """The session class for the artifact's KV mode."""
+    mode = manifest["io"].get("kv_mode", "concat")
+    cls = SharedKVSession if mode == "shared" else ConcatKVSession
+    return cls(directory, manifest, threads)
+
+
+class _Base:
+    def __init__(self, directory, manifest: dict, threads: int | None = None):
+        self._sess = _open(directory, manifest, threads)
+        model, io = manifest["model"], manifest["io"]
         self.max_context = int(io["max_context"])
         self.vocab_size = int(model["vocab_size"])
         self._past_names = io["past_inputs"]
-        self._kv_shape = (model["num_kv_heads"], model["head_dim"])
+        self._present_names = io["present_outputs"]
+        self._kv_heads, self._head_dim = int(model["num_kv_heads"]), int(model["head_dim"])
         self._kv_dtype = np.dtype(io["kv_dtype"])
+        self._inputs = {i.name for i in self._sess.get_inputs()}
+
+
+class ConcatKVSession(_Base):
+    """Concat-mode KV cache: the runtime keeps past tensors and feeds them back each step."""
+
+    def __init__(self, directory, manifest: dict, threads: int | None = None):
+        super().__init__(directory, manifest, threads)
         self._positions = PositionTracker(self.max_context)
         self._past: list[np.ndarray] | None = None
 
@@ -51,10 +85,128 @@ class Session:
             new_mask = np.ones_like(ids)
         mask, positions = self._positions.extend(new_mask)
         if self._past is None:
-            empty = np.zeros((batch, *self._kv_shape[:1], 0, self._kv_shape[1]), self._kv_dtype)
-            self._past = [empty] * len(self._past_names)
+            shape = (batch, self._kv_heads, 0, self._head_dim)
+            self._past = [np.zeros(shape, self._kv_dtype)] * len(self._past_names)
         feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
-        feeds.update(zip(self._past_names, self._past, strict=False))
+        feeds = {k: v for k, v in feeds.items() if k in self._inputs}
+        feeds.update(zip(self._past_names, self._past, strict=True))
         logits, *present = self._sess.run(None, feeds)
         self._past = present  # [B, KVH, T, D] each
         return logits[:, -1, :]  # [B, V]
+
+
+class SharedKVSession(_Base):
+    """Shared-buffer KV cache written in place by the model (see the module docstring)."""
+
+    def __init__(self, directory, manifest: dict, threads: int | None = None):
+        super().__init__(directory, manifest, threads)
+        self._buffers: list[np.ndarray] = []
+        self._lengths: np.ndarray | None = None  # tokens in the cache, per row
+        self._decode = None  # (binding, ids, positions, seqlens, logits) reused by decode steps
+
+    @property
+    def capacity(self) -> int:
+        return self._buffers[0].shape[2] if self._buffers else 0
+
+    def reset(self) -> None:
+        self._lengths = None
+
+    def prefill(self, ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        self.reset()
+        ids = np.asarray(ids, dtype=np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        rows = [ids[b][mask[b] != 0] for b in range(ids.shape[0])]
+        longest = max(len(r) for r in rows)
+        self._check(longest)
+        self._reserve(len(rows), longest + 1)
+        logits = np.empty((len(rows), self.vocab_size), np.float32)
+        for b, row in enumerate(rows):
+            for start in range(0, len(row), PREFILL_CHUNK):
+                chunk = row[None, start : start + PREFILL_CHUNK]
+                binding, out = self._bind(chunk, np.array([start]), slice(b, b + 1))
+                self._sess.run_with_iobinding(binding)
+            logits[b] = out[0, -1]
+        self._lengths = np.array([len(r) for r in rows], np.int64)
+        return logits
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        if self._lengths is None:
+            raise RuntimeError("decode() before prefill()")
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1, 1)
+        self._check(int(self._lengths.max()) + 1)
+        if self._reserve(len(ids), int(self._lengths.max()) + 1) or self._decode is None:
+            self._decode = self._bind_decode(len(ids))
+        binding, in_ids, positions, seqlens, logits = self._decode
+        in_ids[:] = ids
+        positions[:, 0] = self._lengths
+        seqlens[:] = self._lengths  # the row's length after this step, minus one
+        self._sess.run_with_iobinding(binding)
+        self._lengths += 1
+        return logits[:, -1].copy()
+
+    # -- buffers and bindings --------------------------------------------------------------------
+    def _check(self, needed: int) -> None:
+        if needed > self.max_context:
+            raise ContextLengthError(
+                f"the sequence needs {needed} positions but the artifact's context is "
+                f"{self.max_context}; shorten the prompt or lower max_new_tokens."
+            )
+
+    def _reserve(self, batch: int, needed: int) -> bool:
+        """Make the buffers hold `needed` positions for `batch` rows; True if they moved."""
+        if self._buffers and self._buffers[0].shape[0] == batch and self.capacity >= needed:
+            return False
+        grow = max(needed, 2 * self.capacity if self._buffers else 0)
+        capacity = min(self.max_context, -(-grow // CAPACITY_STEP) * CAPACITY_STEP)
+        shape = (batch, self._kv_heads, capacity, self._head_dim)
+        old = self._buffers if self._buffers and self._buffers[0].shape[0] == batch else []
+        self._buffers = [np.zeros(shape, self._kv_dtype) for _ in self._past_names]
+        for new, previous in zip(self._buffers, old, strict=False):
+            new[:, :, : previous.shape[2]] = previous
+        self._decode = None
+        return True
+
+    def _bind_arrays(self, binding, rows: slice) -> None:
+        for past, present, buffer in zip(
+            self._past_names, self._present_names, self._buffers, strict=True
+        ):
+            view = buffer[rows]  # a contiguous block: rows are the outermost dim
+            for bind, name in ((binding.bind_input, past), (binding.bind_output, present)):
+                bind(name, "cpu", 0, view.dtype, list(view.shape), view.ctypes.data)
+
+    def _bind_input(self, binding, name: str, array: np.ndarray) -> None:
+        if name in self._inputs:
+            binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+    def _bind(self, ids: np.ndarray, starts: np.ndarray, rows: slice):
+        """A binding for one step of `ids` [n, S] after `starts` [n] cached tokens."""
+        n, s = ids.shape
+        ids = np.ascontiguousarray(ids)
+        positions = np.ascontiguousarray(starts[:, None] + np.arange(s), dtype=np.int64)
+        seqlens = (starts + s - 1).astype(np.int32)
+        logits = np.empty((n, 1, self.vocab_size), np.float32)
+        binding = self._sess.io_binding()
+        self._bind_input(binding, "input_ids", ids)
+        self._bind_input(binding, "position_ids", positions)
+        self._bind_input(binding, "seqlens_k", seqlens)
+        self._bind_arrays(binding, rows)
+        binding.bind_output(
+            "logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data
+        )
+        binding._keep = (ids, positions, seqlens)  # the bound memory must outlive the run
+        return binding, logits
+
+    def _bind_decode(self, batch: int):
+        ids = np.zeros((batch, 1), np.int64)
+        positions = np.zeros((batch, 1), np.int64)
+        seqlens = np.zeros(batch, np.int32)
+        logits = np.empty((batch, 1, self.vocab_size), np.float32)
+        binding = self._sess.io_binding()
+        self._bind_input(binding, "input_ids", ids)
+        self._bind_input(binding, "position_ids", positions)
+        self._bind_input(binding, "seqlens_k", seqlens)
+        self._bind_arrays(binding, slice(0, batch))
+        binding.bind_output(
+            "logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data
+        )
+        return binding, ids, positions, seqlens, logits

@@ -1,0 +1,208 @@
+"""llmc ops: the contract between passes and targets (DESIGN.md, "llmc ops").
+
+Each op is a `torch.library` custom op with a reference implementation, written in the plain ATen
+form the back ends already know how to fuse, and a fake kernel for tracing. Because every op runs
+in PyTorch, the graph after any pass still executes and is checked numerically against the graph
+before it. A target lowers an op to its own fused kernel or decomposes it with `REFERENCE`.
+
+Layouts: activations are packed `[batch, seq, heads * head_dim]` (what fused attention kernels take,
+so no transposes are left around them); KV tensors are `[batch, kv_heads, positions, head_dim]`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# -- references ----------------------------------------------------------------------------------
+
+
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x * rsqrt(mean(x², -1) + eps) * weight, computed in fp32 (Gemma's 1+w is folded into w)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def skip_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float):
+    """(rms_norm(residual + x), residual + x): the residual add and the norm after it."""
+    total = residual + x
+    return rms_norm_ref(total, weight, eps), total
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """x [..., D]; cos/sin [..., D/2] broadcastable to x's leading dims."""
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    cos2, sin2 = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos2 + rotated * sin2
+
+
+def rotary_ref(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
+    """RoPE on packed x [B, S, H*D] at positions [B, S]; cos/sin tables [max_context, D/2]."""
+    d = cos.shape[-1] * 2
+    heads = x.unflatten(-1, (-1, d))  # [B, S, H, D]
+    c, s = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)  # [B, S, 1, D/2]
+    return _rotate(heads, c, s, interleaved).flatten(-2)
+
+
+def _query_positions(seq_info: Tensor, s: int, past: int, shared: bool) -> Tensor:
+    """Cache index of every new token, [B, S]."""
+    steps = torch.arange(s, device=seq_info.device)
+    if shared:  # seq_info: seqlens_k [B] int32, total length - 1 per row
+        return (seq_info.to(torch.int64) + 1 - s).unsqueeze(1) + steps
+    return (steps + past).unsqueeze(0).expand(seq_info.shape[0], s)
+
+
+def attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past_k: Tensor,
+    past_v: Tensor,
+    seq_info: Tensor,
+    total: Tensor | None,
+    scale: float,
+    window: int,
+    softcap: float,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    shared: bool,
+):
+    """Causal grouped-query attention with its KV-cache update.
+
+    q, k, v: [B, S, heads * D]; or q packed as [q | k | v] with k and v None.
+
+    concat mode: seq_info is the attention mask [B, past+S]; present = past ++ new.
+    shared mode: past is a buffer [B, KVH, capacity, D]; seq_info is seqlens_k [B] (int32, total
+    length - 1 per row); the new keys/values are written at their positions; present is the
+    buffer. `total` (int32 scalar, max total length) is only used by lowerings. `cos`/`sin` fuse
+    RoPE (shared mode only: positions are cache indices). window 0: none; softcap 0: none.
+    """
+    b, s, _ = q.shape
+    kv_heads, d = past_k.shape[1], past_k.shape[3]
+    if k is None or v is None:  # packed [q | k | v] along the last dim
+        q, k, v = q.split([q.shape[-1] - 2 * kv_heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    positions = _query_positions(seq_info, s, past_k.shape[2], shared)
+    if cos is not None and sin is not None:
+        q = rotary_ref(q, cos, sin, positions, False)
+        k = rotary_ref(k, cos, sin, positions, False)
+    k_new = k.unflatten(-1, (kv_heads, d)).transpose(1, 2)  # [B, KVH, S, D]
+    v_new = v.unflatten(-1, (kv_heads, d)).transpose(1, 2)
+    if shared:
+        index = positions[:, None, :, None].expand(b, kv_heads, s, d)
+        present_k = past_k.scatter(2, index, k_new)
+        present_v = past_v.scatter(2, index, v_new)
+    else:
+        present_k = torch.cat((past_k, k_new), dim=2)
+        present_v = torch.cat((past_v, v_new), dim=2)
+    heads = q.shape[-1] // d
+    qh = q.unflatten(-1, (heads, d)).transpose(1, 2)  # [B, H, S, D]
+    keys = present_k.repeat_interleave(heads // kv_heads, dim=1)
+    values = present_v.repeat_interleave(heads // kv_heads, dim=1)
+    scores = torch.matmul(qh, keys.transpose(2, 3)) * scale  # [B, H, S, T]
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    key_pos = torch.arange(present_k.shape[2], device=q.device)
+    allowed = key_pos[None, None, :] <= positions[:, :, None]  # [B, S, T]
+    if window > 0:
+        allowed = allowed & (key_pos[None, None, :] > positions[:, :, None] - window)
+    if not shared:
+        allowed = allowed & seq_info[:, None, :].bool()
+    scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, values).transpose(1, 2).flatten(2)  # [B, S, H*D]
+    return out, present_k, present_v
+
+
+# -- registration ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("llmc::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return rms_norm_ref(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("llmc::skip_rms_norm", mutates_args=())
+def skip_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    y, total = skip_rms_norm_ref(x, residual, weight, eps)
+    return y, total
+
+
+@skip_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("llmc::rotary", mutates_args=())
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
+    return rotary_ref(x, cos, sin, positions, interleaved)
+
+
+@rotary.register_fake
+def _(x, cos, sin, positions, interleaved):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("llmc::attention", mutates_args=())
+def attention(
+    q: Tensor,
+    k: Tensor | None,
+    v: Tensor | None,
+    past_k: Tensor,
+    past_v: Tensor,
+    seq_info: Tensor,
+    total: Tensor | None,
+    scale: float,
+    window: int,
+    softcap: float,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    shared: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    out, pk, pv = attention_ref(
+        q, k, v, past_k, past_v, seq_info, total, scale, window, softcap, cos, sin, shared
+    )
+    return out, pk, pv
+
+
+@attention.register_fake
+def _(q, k, v, past_k, past_v, seq_info, total, scale, window, softcap, cos, sin, shared):
+    b, kv_heads, past, d = past_k.shape
+    out = torch.empty_like(q) if k is not None else q[..., : q.shape[-1] - 2 * kv_heads * d]
+    out = torch.empty_like(out)
+    if shared:
+        return out, torch.empty_like(past_k), torch.empty_like(past_v)
+    shape = (b, kv_heads, past + q.shape[1], d)
+    return out, past_k.new_empty(shape), past_v.new_empty(shape)
+
+
+OPS = {
+    torch.ops.llmc.rms_norm.default: rms_norm_ref,
+    torch.ops.llmc.skip_rms_norm.default: skip_rms_norm_ref,
+    torch.ops.llmc.rotary.default: rotary_ref,
+    torch.ops.llmc.attention.default: attention_ref,
+}
+
+
+def decompositions() -> dict:
+    """Decomposition table for `ExportedProgram.run_decompositions`: only llmc ops."""
+    return dict(OPS)
+
+
+def decompose(
+    program: torch.export.ExportedProgram, keep: set | None = None
+) -> torch.export.ExportedProgram:
+    """Replace every llmc op (but those in `keep`) by its reference ATen graph, leaving every
+    other op as it is."""
+    used = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    table = {op: fn for op, fn in OPS.items() if op in used and op not in (keep or set())}
+    return program.run_decompositions(table) if table else program

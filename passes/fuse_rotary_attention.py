@@ -1,0 +1,54 @@
+"""Move RoPE into the attention op when both q and k get the same tables (shared KV mode).
+
+Before: out = llmc.attention(llmc.rotary(q, cos, sin, pos), llmc.rotary(k, cos, sin, pos), v, ...)
+After:  out = llmc.attention(q, k, v, ..., cos, sin)
+
+In shared mode a token's position is its cache index (seqlens_k based), which is what fused
+kernels such as onnxruntime's GroupQueryAttention(do_rotary=1) use; it saves two ops per layer.
+In concat mode positions and cache indices can differ (left padding), so nothing is fused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmc.compiler.graph import Graph
+from llmc.compiler.pass_manager import PassReport
+from llmc.passes._util import erase_unused, is_call
+
+ROTARY = torch.ops.llmc.rotary.default
+ATTENTION = torch.ops.llmc.attention.default
+
+
+class FuseRotaryAttention:
+    name = "fuse_rotary_attention"
+
+    def run(self, graph: Graph) -> PassReport:
+        fused, notes = 0, []
+        attentions = [n for n in graph.fx.nodes if is_call(n, ATTENTION)]
+        if graph.kv_mode != "shared":
+            notes.append(f"kv_mode is {graph.kv_mode}: positions are not cache indices")
+            attentions = []
+        positions = graph.user_input("position_ids") if attentions else None
+        for node in attentions:
+            q, k = node.args[0], node.args[1]
+            if not (is_call(q, ROTARY) and is_call(k, ROTARY)):
+                notes.append(f"{node.name}: q and k are not both rotated")
+                continue
+            if q.args[1:] != k.args[1:] or q.args[3] is not positions or q.args[4]:
+                notes.append(f"{node.name}: q and k use different tables or positions")
+                continue
+            if node.args[10] is not None:
+                notes.append(f"{node.name}: already has rotary tables")
+                continue
+            args = list(node.args)
+            args[0], args[1], args[10], args[11] = q.args[0], k.args[0], q.args[1], q.args[2]
+            node.args = tuple(args)
+            erase_unused(graph, [q, k])
+            fused += 1
+        return PassReport(
+            self.name,
+            modified=fused > 0,
+            counts={"fused": fused, "unmatched": len(notes)},
+            notes=notes,
+        )

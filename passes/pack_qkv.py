@@ -1,0 +1,82 @@
+"""Hand the fused QKV projection to attention packed, instead of split in three.
+
+Before: q, k, v = split(linear(x, Wqkv), [Hd, KVd, KVd], -1)     (or three slices of it)
+        out = llmc.attention(q, k, v, ...)
+After:  out = llmc.attention(linear(x, Wqkv), None, None, ...)
+
+onnxruntime's GroupQueryAttention reads a packed [q | k | v] query; the Split it saves is one
+kernel launch and one copy per layer on every decode step.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from llmc.compiler.graph import Graph
+from llmc.compiler.pass_manager import PassReport
+from llmc.passes._util import aten, erase_unused, is_call
+
+ATTENTION = torch.ops.llmc.attention.default
+
+
+def _sliced_source(q, k, v, kv_width: int):
+    """Phi-3's form: q, k, v = qkv[..., :Hd], qkv[..., Hd:Hd+KVd], qkv[..., Hd+KVd:]."""
+    items = (q, k, v)
+    if not all(is_call(n, aten.slice.Tensor) for n in items):
+        return None
+    source = q.args[0]
+    if any(n.args[0] is not source for n in items):
+        return None
+    width = source.meta["val"].shape[-1]
+    if not isinstance(width, int) or any(n.args[1] not in (-1, 2) for n in items):
+        return None
+    hd = width - 2 * kv_width
+    bounds = [tuple(n.args[2:4]) for n in items]
+    ends_ok = bounds[2][1] >= width
+    if bounds[:2] != [(0, hd), (hd, hd + kv_width)] or bounds[2][0] != hd + kv_width or not ends_ok:
+        return None
+    return source
+
+
+def _packed_source(q, k, v, kv_width: int):
+    items = (q, k, v)
+    if not all(is_call(n, operator.getitem) for n in items):
+        return None
+    split = q.args[0]
+    if any(n.args[0] is not split for n in items) or [n.args[1] for n in items] != [0, 1, 2]:
+        return None
+    if not is_call(split, aten.split_with_sizes.default) or split.args[2] not in (-1, 2):
+        return None
+    if list(split.args[1][1:]) != [kv_width, kv_width]:
+        return None
+    return split.args[0]
+
+
+class PackQkv:
+    name = "pack_qkv"
+
+    def run(self, graph: Graph) -> PassReport:
+        packed, notes = 0, []
+        for node in [n for n in graph.fx.nodes if is_call(n, ATTENTION)]:
+            q, k, v, past_k = node.args[:4]
+            if k is None:
+                continue
+            if node.args[10] is None:
+                notes.append(f"{node.name}: rotary is not inside attention; q and k stay apart")
+                continue
+            kv_width = past_k.meta["val"].shape[1] * past_k.meta["val"].shape[3]
+            source = _packed_source(q, k, v, kv_width) or _sliced_source(q, k, v, kv_width)
+            if source is None:
+                notes.append(f"{node.name}: q, k, v are not the three parts of one projection")
+                continue
+            node.args = (source, None, None, *node.args[3:])
+            erase_unused(graph, [q, k, v, q.args[0]])
+            packed += 1
+        return PassReport(
+            self.name,
+            modified=packed > 0,
+            counts={"packed": packed, "unmatched": len(notes)},
+            notes=notes,
+        )
