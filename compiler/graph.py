@@ -26,6 +26,18 @@ class Graph:
     logits: str = "all"  # "all" positions, or "last" after prune_lm_head
     notes: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_trace(cls, traced, spec: ModelSpec, options) -> Graph:
+        """The graph of a `trace()` result, with what the trace-time passes noted."""
+        return cls(
+            traced.program,
+            spec,
+            traced.input_names,
+            traced.output_names,
+            kv_mode=options.kv_mode,
+            notes=list(options.notes),
+        )
+
     @property
     def fx(self) -> torch.fx.Graph:
         return self.program.graph_module.graph

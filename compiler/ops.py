@@ -24,7 +24,9 @@ def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * h.to(x.dtype)
 
 
-def skip_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float):
+def skip_rms_norm_ref(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     """(rms_norm(residual + x), residual + x): the residual add and the norm after it."""
     total = residual + x
     return rms_norm_ref(total, weight, eps), total
@@ -59,8 +61,8 @@ def _query_positions(seq_info: Tensor, s: int, past: int, shared: bool) -> Tenso
 
 def attention_ref(
     q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    k: Tensor | None,
+    v: Tensor | None,
     past_k: Tensor,
     past_v: Tensor,
     seq_info: Tensor,
@@ -71,7 +73,7 @@ def attention_ref(
     cos: Tensor | None,
     sin: Tensor | None,
     shared: bool,
-):
+) -> tuple[Tensor, Tensor, Tensor]:
     """Causal grouped-query attention with its KV-cache update.
 
     q, k, v: [B, S, heads * D]; or q packed as [q | k | v] with k and v None.
@@ -118,12 +120,12 @@ def attention_ref(
     return out, present_k, present_v
 
 
-# -- registration ----------------------------------------------------------------------------------
+# -- registration: the references are the ops' implementations ----------------------------------
 
-
-@torch.library.custom_op("llmc::rms_norm", mutates_args=())
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return rms_norm_ref(x, weight, eps)
+rms_norm = torch.library.custom_op("llmc::rms_norm", mutates_args=())(rms_norm_ref)
+skip_rms_norm = torch.library.custom_op("llmc::skip_rms_norm", mutates_args=())(skip_rms_norm_ref)
+rotary = torch.library.custom_op("llmc::rotary", mutates_args=())(rotary_ref)
+attention = torch.library.custom_op("llmc::attention", mutates_args=())(attention_ref)
 
 
 @rms_norm.register_fake
@@ -131,47 +133,14 @@ def _(x, weight, eps):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("llmc::skip_rms_norm", mutates_args=())
-def skip_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    y, total = skip_rms_norm_ref(x, residual, weight, eps)
-    return y, total
-
-
 @skip_rms_norm.register_fake
 def _(x, residual, weight, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
 
-@torch.library.custom_op("llmc::rotary", mutates_args=())
-def rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
-    return rotary_ref(x, cos, sin, positions, interleaved)
-
-
 @rotary.register_fake
 def _(x, cos, sin, positions, interleaved):
     return torch.empty_like(x)
-
-
-@torch.library.custom_op("llmc::attention", mutates_args=())
-def attention(
-    q: Tensor,
-    k: Tensor | None,
-    v: Tensor | None,
-    past_k: Tensor,
-    past_v: Tensor,
-    seq_info: Tensor,
-    total: Tensor | None,
-    scale: float,
-    window: int,
-    softcap: float,
-    cos: Tensor | None,
-    sin: Tensor | None,
-    shared: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    out, pk, pv = attention_ref(
-        q, k, v, past_k, past_v, seq_info, total, scale, window, softcap, cos, sin, shared
-    )
-    return out, pk, pv
 
 
 @attention.register_fake

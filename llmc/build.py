@@ -83,14 +83,7 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
     options = trace_options(passes, loaded.model)
     with progress.stage("trace with torch.export"):
         traced = trace(loaded.model, spec, options=options)
-    graph = Graph(
-        traced.program,
-        spec,
-        traced.input_names,
-        traced.output_names,
-        kv_mode=options.kv_mode,
-        notes=list(options.notes),
-    )
+    graph = Graph.from_trace(traced, spec, options)
     with progress.stage(f"run {len(passes)} passes"):
         reports = run_pipeline(graph, passes)
 

@@ -51,8 +51,9 @@ def test_graph_is_fused(smollm2):
     assert ops["com.microsoft::SkipSimplifiedLayerNormalization"] == 2 * layers
     assert ops["SimplifiedLayerNormalization"] == 1
     assert "Softmax" not in ops and "RotaryEmbedding" not in ops
-    # qkv, o_proj, gate_up, down per layer, and the lm_head
-    assert ops["MatMul"] == 4 * layers + 1
+    # qkv (one fused matmul), o_proj, gate, up, down per layer, and the lm_head; gate and up stay
+    # apart for onnxruntime (targets/onnx/pipeline.py says why)
+    assert ops["MatMul"] == 5 * layers + 1
     assert manifest["graph"]["nodes"] <= 400
     assert manifest["io"]["kv_mode"] == "shared" and manifest["io"]["logits"] == "last"
     reports = {p["name"]: p for p in manifest["passes"]}

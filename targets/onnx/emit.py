@@ -25,6 +25,32 @@ class EmitResult:
     inputs: list[str] | None = None  # the emitted graph's inputs (unused ones may be dropped)
 
 
+# Contrib ops whose trailing outputs are optional: an unused one left named is still computed
+# and allocated on every step (SkipSimplifiedLayerNormalization's mean and inverse std).
+_OPTIONAL_OUTPUTS = {("com.microsoft", "SkipSimplifiedLayerNormalization"): 1}
+
+
+def _drop_unused_optional_outputs(model) -> int:
+    """Blank the optional outputs nothing reads; return how many."""
+    read = {name for node in model.graph.node for name in node.input}
+    read |= {o.name for o in model.graph.output}
+    dropped = 0
+    for node in model.graph.node:
+        first = _OPTIONAL_OUTPUTS.get((node.domain, node.op_type))
+        if first is None:
+            continue
+        outputs = list(node.output)
+        for i in range(first, len(outputs)):
+            if outputs[i] and outputs[i] not in read:
+                outputs[i] = ""
+                dropped += 1
+        while outputs and not outputs[-1]:
+            outputs.pop()
+        del node.output[:]
+        node.output.extend(outputs)
+    return dropped
+
+
 def emit(graph: Graph, out_dir: Path) -> EmitResult:
     import onnx
     import onnxruntime
@@ -53,8 +79,10 @@ def emit(graph: Graph, out_dir: Path) -> EmitResult:
         )
     # Weights always go to one external file: no 2 GB protobuf limit, and the graph stays small.
     program.save(str(path), external_data=True)
-    onnx.checker.check_model(str(path), full_check=False)
     model = onnx.load(str(path), load_external_data=False)
+    if _drop_unused_optional_outputs(model):
+        onnx.save(model, str(path))  # the graph only: initializers still point to model.onnx.data
+    onnx.checker.check_model(str(path), full_check=False)
     histogram = Counter(
         f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
         for n in model.graph.node

@@ -116,6 +116,8 @@ class SharedKVSession(_Base):
         ids = np.asarray(ids, dtype=np.int64)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
         rows = [ids[b][mask[b] != 0] for b in range(ids.shape[0])]
+        if min(len(r) for r in rows) == 0:
+            raise ValueError("every row of a prefill needs at least one unmasked token")
         longest = max(len(r) for r in rows)
         self._check(longest)
         self._reserve(len(rows), longest + 1)
@@ -180,11 +182,20 @@ class SharedKVSession(_Base):
 
     def _bind(self, ids: np.ndarray, starts: np.ndarray, rows: slice):
         """A binding for one step of `ids` [n, S] after `starts` [n] cached tokens."""
-        n, s = ids.shape
-        ids = np.ascontiguousarray(ids)
-        positions = np.ascontiguousarray(starts[:, None] + np.arange(s), dtype=np.int64)
+        s = ids.shape[1]
+        positions = starts[:, None] + np.arange(s, dtype=np.int64)
         seqlens = (starts + s - 1).astype(np.int32)
-        logits = np.empty((n, 1, self.vocab_size), np.float32)
+        binding, *_, logits = self._binding(np.ascontiguousarray(ids), positions, seqlens, rows)
+        return binding, logits
+
+    def _bind_decode(self, batch: int):
+        """The decode binding: its inputs are arrays the caller fills in place each step."""
+        ids, positions = np.zeros((batch, 1), np.int64), np.zeros((batch, 1), np.int64)
+        return self._binding(ids, positions, np.zeros(batch, np.int32), slice(0, batch))
+
+    def _binding(self, ids, positions, seqlens, rows: slice):
+        """Bind inputs, the rows' KV buffers (as past and present) and a logits array."""
+        logits = np.empty((ids.shape[0], 1, self.vocab_size), np.float32)
         binding = self._sess.io_binding()
         self._bind_input(binding, "input_ids", ids)
         self._bind_input(binding, "position_ids", positions)
@@ -194,19 +205,4 @@ class SharedKVSession(_Base):
             "logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data
         )
         binding._keep = (ids, positions, seqlens)  # the bound memory must outlive the run
-        return binding, logits
-
-    def _bind_decode(self, batch: int):
-        ids = np.zeros((batch, 1), np.int64)
-        positions = np.zeros((batch, 1), np.int64)
-        seqlens = np.zeros(batch, np.int32)
-        logits = np.empty((batch, 1, self.vocab_size), np.float32)
-        binding = self._sess.io_binding()
-        self._bind_input(binding, "input_ids", ids)
-        self._bind_input(binding, "position_ids", positions)
-        self._bind_input(binding, "seqlens_k", seqlens)
-        self._bind_arrays(binding, slice(0, batch))
-        binding.bind_output(
-            "logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data
-        )
         return binding, ids, positions, seqlens, logits
