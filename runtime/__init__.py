@@ -10,8 +10,16 @@ from llmc.runtime.sampling import SamplingParams
 __all__ = ["load", "Generator", "GenerationConfig", "SamplingParams"]
 
 
-def load(directory: str | os.PathLike, threads: int | None = None, check: bool = True) -> Generator:
-    """Open an artifact: check its manifest and checksums, start its target's session."""
+def load(
+    directory: str | os.PathLike,
+    threads: int | None = None,
+    check: bool = True,
+    huge_pages: bool = True,
+) -> Generator:
+    """Open an artifact: check its manifest and checksums, start its target's session.
+
+    huge_pages: back the loaded weights with transparent huge pages where Linux allows it
+    (faster decode; see runtime/memory.py)."""
     from llmc.artifact import read_manifest
     from llmc.errors import ArtifactError
     from llmc.runtime.tokenizer import Tokenizer
@@ -31,6 +39,10 @@ def load(directory: str | os.PathLike, threads: int | None = None, check: bool =
         )
     _check_toolchain(directory, manifest, info.runtime)
     session = info.session_class()(directory, manifest, threads=threads)
+    if huge_pages:
+        from llmc.runtime.memory import use_huge_pages
+
+        use_huge_pages()
     return Generator(session, Tokenizer(directory, manifest["generation"]), manifest)
 
 

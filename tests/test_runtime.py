@@ -100,3 +100,22 @@ def test_shared_kv_grows_past_its_first_capacity_like_concat(tiny_artifact):
     b = np.concatenate(list(concat.generate_ids(prompt, config)))
     assert len(a) == len(b) == 300
     assert np.array_equal(a, b)  # same tokens through the buffer growth
+
+
+def _anon_huge_kb() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages"))
+
+
+def test_huge_pages_keep_contents_and_are_used_where_linux_allows(tmp_path):
+    from pathlib import Path
+
+    from llmc.runtime.memory import use_huge_pages
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    weights = np.random.default_rng(0).standard_normal(16 << 20).astype(np.float32)  # 64 MiB
+    before, copy = _anon_huge_kb(), weights.copy()
+    done = use_huge_pages()
+    assert np.array_equal(weights, copy)  # same memory, same contents
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert done >= 32 and _anon_huge_kb() - before >= 32 << 10
