@@ -107,7 +107,7 @@ def _anon_huge_kb() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages"))
 
 
-def test_huge_pages_keep_contents_and_are_used_where_linux_allows(tmp_path):
+def test_huge_pages_keep_contents_and_are_used_where_linux_allows():
     from pathlib import Path
 
     from llmc.runtime.memory import use_huge_pages
