@@ -122,12 +122,13 @@ def run_transformers(threads: int, runs: int) -> dict:
 
 
 def _prompts(artifact: str) -> tuple[list[int], list[int]]:
-    """The same prompt token ids for every engine (the artifact's tokenizer, no torch)."""
-    import llmc.runtime as rt
+    """The same prompt token ids for every engine (the artifact's tokenizer only, no session)."""
+    from llmc.artifact import read_manifest
+    from llmc.runtime.tokenizer import Tokenizer
 
-    gen = rt.load(artifact, check=False)
-    ids = gen.encode(PROMPT, chat=True)
-    return ids, _long_prompt(lambda t: gen.tokenizer.encode(t, add_special_tokens=False))
+    tokenizer = Tokenizer(artifact, read_manifest(artifact, check_files=False)["generation"])
+    ids = tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
+    return ids, _long_prompt(lambda t: tokenizer.encode(t, add_special_tokens=False))
 
 
 def run_ort_genai(model_dir: str, artifact: str, threads: int, runs: int) -> dict:
@@ -329,6 +330,10 @@ def main():
         report[f"ratios_llmc_over_{key}"] = {
             "decode_tok_s": round(ours["decode_tok_s"] / result["decode_tok_s"], 3),
             "ttft512_s": round(ours["ttft512_s"] / result["ttft512_s"], 3),
+            # each round's llmc figure over the other engine's figure of the same round (they
+            # ran back to back), then the median: steadier when the machine drifts
+            "decode_tok_s_paired": _paired(ours["decode_runs"], result["decode_runs"]),
+            "ttft512_s_paired": _paired(ours["ttft_runs"], result["ttft_runs"]),
         }
     text = json.dumps(report, indent=2)
     print(text)
@@ -348,6 +353,11 @@ def _merge(results: list[dict]) -> dict:
         "ttft_runs": ttft,
         "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
     }
+
+
+def _paired(ours: list[float], theirs: list[float]) -> float:
+    pairs = zip(ours, theirs, strict=True)
+    return round(statistics.median(a / b for a, b in pairs), 3)
 
 
 def _same_prefix(a: list[int], b: list[int]) -> int:
