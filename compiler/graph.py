@@ -132,30 +132,29 @@ class Graph:
         """Insert `target(*args)` at the current insertion point, with its fake value computed
         (later passes and the exporters read shapes and dtypes from it). `like` lends its
         module-stack metadata, so the node still belongs to its layer."""
-        args, kwargs = tuple(args), dict(kwargs or {})
-        node = self.fx.call_function(target, args, kwargs)
-
-        def fake(a):
-            return a.meta["val"] if isinstance(a, torch.fx.Node) else a
-
-        fake_args = torch.fx.node.map_aggregate(args, fake)
-        fake_kwargs = torch.fx.node.map_aggregate(kwargs, fake)
-        with self.fake_mode():
-            node.meta["val"] = target(*fake_args, **fake_kwargs)
+        node = self.fx.call_function(target, tuple(args), dict(kwargs or {}))
+        self.refresh(node)
         if like is not None:
             for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
                 if key in like.meta:
                     node.meta[key] = like.meta[key]
         return node
 
+    def refresh(self, node: torch.fx.Node) -> None:
+        """Recompute a call node's fake value from its inputs' fake values."""
+
+        def fake(a):
+            return a.meta["val"] if isinstance(a, torch.fx.Node) else a
+
+        args = torch.fx.node.map_aggregate(node.args, fake)
+        kwargs = torch.fx.node.map_aggregate(node.kwargs, fake)
+        with self.fake_mode():
+            node.meta["val"] = node.target(*args, **kwargs)
+
     def getitems(self, node: torch.fx.Node, n: int) -> list[torch.fx.Node]:
         import operator
 
         return [self.call(operator.getitem, (node, i), like=node) for i in range(n)]
-
-
-def users_of(node: torch.fx.Node) -> list[torch.fx.Node]:
-    return list(node.users)
 
 
 def shape_str(node) -> str:

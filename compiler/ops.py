@@ -162,11 +162,6 @@ OPS = {
 }
 
 
-def decompositions() -> dict:
-    """Decomposition table for `ExportedProgram.run_decompositions`: only llmc ops."""
-    return dict(OPS)
-
-
 def decompose(
     program: torch.export.ExportedProgram, keep: set | None = None
 ) -> torch.export.ExportedProgram:

@@ -26,6 +26,13 @@ class PassReport:
     notes: list[str] = field(default_factory=list)
     max_abs_diff: float | None = None  # graph after vs before, on example inputs
 
+    @classmethod
+    def matches(cls, name: str, count: int, notes: list[str], key: str = "fused") -> PassReport:
+        """The report of a pattern pass: how many it rewrote, and one note per miss."""
+        return cls(
+            name, modified=count > 0, counts={key: count, "unmatched": len(notes)}, notes=notes
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
 

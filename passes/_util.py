@@ -77,8 +77,3 @@ def evaluate(
     module = torch.fx.GraphModule(torch.nn.Module(), sub)
     with torch.no_grad():
         return list(module(*values))
-
-
-def scalar_arg(node: torch.fx.Node, index: int):
-    args = node.args
-    return args[index] if len(args) > index else None

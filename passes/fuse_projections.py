@@ -59,7 +59,7 @@ class _FuseSiblings:
                         for v, w in zip(bias_values, weights, strict=True)
                     ]
                 )
-            first = min(linears, key=lambda n: list(graph.fx.nodes).index(n))
+            first = linears[0]  # groups are filled in graph order
             names = "_".join(module_path(n)[-1][0].rsplit(".", 1)[-1] for n in linears)
             w_node = graph.add_constant(f"{parent}.{names}.weight", weight)
             b_node = None
@@ -84,12 +84,7 @@ class _FuseSiblings:
             else:
                 notes.append(f"{parent}: projections are not linear ops (already one matmul)")
         graph.drop_unused_tensors()
-        return PassReport(
-            self.name,
-            modified=fused > 0,
-            counts={"fused": fused, "unmatched": len(notes)},
-            notes=notes,
-        )
+        return PassReport.matches(self.name, fused, notes)
 
 
 class FuseQkv(_FuseSiblings):

@@ -91,8 +91,7 @@ class FuseRmsNorm:
             except _NoMatch as reason:
                 notes.append(f"{path}: {reason}")
                 continue
-            with graph.fx.inserting_before(out):
-                w_node = w if weight_expr is w else graph.add_constant(f"{path}.weight", weight)
+            w_node = w if weight_expr is w else graph.add_constant(f"{path}.weight", weight)
             with graph.fx.inserting_before(out):
                 node = graph.call(torch.ops.llmc.rms_norm.default, (x, w_node, eps), like=out)
             out.replace_all_uses_with(node)
@@ -101,9 +100,4 @@ class FuseRmsNorm:
         if not regions:
             notes.append("no module whose class name ends in RMSNorm")
         graph.drop_unused_tensors()
-        return PassReport(
-            self.name,
-            modified=fused > 0,
-            counts={"fused": fused, "unmatched": len(notes)},
-            notes=notes,
-        )
+        return PassReport.matches(self.name, fused, notes)

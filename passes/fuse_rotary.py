@@ -82,11 +82,10 @@ class FuseRotary:
                     notes.append(f"{where}: cos/sin tables are not [positions, D] halves")
                     tables[(cos, sin)] = None
                     continue
-                with graph.fx.inserting_before(positions):
-                    tables[(cos, sin)] = (
-                        graph.add_constant("rotary.cos", full_cos[0, :, :half].contiguous()),
-                        graph.add_constant("rotary.sin", full_sin[0, :, :half].contiguous()),
-                    )
+                tables[(cos, sin)] = (
+                    graph.add_constant("rotary.cos", full_cos[0, :, :half].contiguous()),
+                    graph.add_constant("rotary.sin", full_sin[0, :, :half].contiguous()),
+                )
             if tables[(cos, sin)] is None:
                 continue
             cos_t, sin_t = tables[(cos, sin)]

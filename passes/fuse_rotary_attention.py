@@ -46,9 +46,4 @@ class FuseRotaryAttention:
             node.args = tuple(args)
             erase_unused(graph, [q, k])
             fused += 1
-        return PassReport(
-            self.name,
-            modified=fused > 0,
-            counts={"fused": fused, "unmatched": len(notes)},
-            notes=notes,
-        )
+        return PassReport.matches(self.name, fused, notes)

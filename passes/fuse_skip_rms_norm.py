@@ -43,9 +43,4 @@ class FuseSkipRmsNorm:
             fused += 1
         if not norms:
             notes.append("no llmc.rms_norm in the graph (run fuse_rms_norm first)")
-        return PassReport(
-            self.name,
-            modified=fused > 0,
-            counts={"fused": fused, "unmatched": len(notes)},
-            notes=notes,
-        )
+        return PassReport.matches(self.name, fused, notes)

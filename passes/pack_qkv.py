@@ -74,9 +74,4 @@ class PackQkv:
             node.args = (source, None, None, *node.args[3:])
             erase_unused(graph, [q, k, v, q.args[0]])
             packed += 1
-        return PassReport(
-            self.name,
-            modified=packed > 0,
-            counts={"packed": packed, "unmatched": len(notes)},
-            notes=notes,
-        )
+        return PassReport.matches(self.name, packed, notes, key="packed")

@@ -158,24 +158,10 @@ def _has_seq(node: torch.fx.Node, seq: str | None) -> bool:
 
 
 def _refresh(graph: Graph, start: torch.fx.Node) -> None:
-    """Recompute the fake values from `start` to the output (their sequence dim is now 1)."""
-    order = list(graph.fx.nodes)
-    for node in order[order.index(start) :]:
-        if node.op != "call_function":
-            continue
-
-        def fake(a):
-            return a.meta["val"] if isinstance(a, torch.fx.Node) else a
-
-        args = torch.fx.node.map_aggregate(node.args, fake)
-        kwargs = torch.fx.node.map_aggregate(node.kwargs, fake)
-        if (
-            start in node.all_input_nodes
-            or node is start
-            or any(n.meta.get("_llmc_refreshed") for n in node.all_input_nodes)
-        ):
-            with graph.fake_mode():
-                node.meta["val"] = node.target(*args, **kwargs)
-            node.meta["_llmc_refreshed"] = True
-    for node in order:
-        node.meta.pop("_llmc_refreshed", None)
+    """Recompute the fake values of `start` and everything downstream of it (their sequence
+    dim is now 1)."""
+    changed = {start}
+    for node in list(graph.fx.nodes):
+        if node.op == "call_function" and (node is start or changed & set(node.all_input_nodes)):
+            graph.refresh(node)
+            changed.add(node)

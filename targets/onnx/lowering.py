@@ -119,7 +119,6 @@ def register_schemas() -> None:
 def translation_table(shared_kv: bool) -> dict:
     """llmc op -> onnxscript function, for `torch.onnx.export(custom_translation_table=...)`."""
     import torch
-    from onnxscript import opset18 as op
     from onnxscript.values import Opset
 
     register_schemas()
@@ -179,5 +178,4 @@ def translation_table(shared_kv: bool) -> dict:
     }
     if shared_kv:
         table[torch.ops.llmc.attention.default] = attention
-    _ = op
     return table

@@ -135,8 +135,9 @@ class SharedKVSession(_Base):
         if self._lengths is None:
             raise RuntimeError("decode() before prefill()")
         ids = np.asarray(ids, dtype=np.int64).reshape(-1, 1)
-        self._check(int(self._lengths.max()) + 1)
-        if self._reserve(len(ids), int(self._lengths.max()) + 1) or self._decode is None:
+        needed = int(self._lengths.max()) + 1
+        self._check(needed)
+        if self._reserve(len(ids), needed) or self._decode is None:
             self._decode = self._bind_decode(len(ids))
         binding, in_ids, positions, seqlens, logits = self._decode
         in_ids[:] = ids
