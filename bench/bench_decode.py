@@ -186,9 +186,10 @@ def _reference_env() -> Path:
     return python
 
 
-def _reference_model(python: Path) -> Path:
-    """onnxruntime-genai's fp32 CPU model of the same weights, built by its model builder."""
-    out = CACHE / f"ort-genai-{OG_VERSION}-fp32"
+def _reference_model(python: Path, precision: str) -> Path:
+    """onnxruntime-genai's CPU model of the same weights, built by its model builder at
+    `precision` (fp32, int8 or int4: its defaults, symmetric blocks of 32, accuracy level 4)."""
+    out = CACHE / f"ort-genai-{OG_VERSION}-{precision}"
     if (out / "genai_config.json").is_file():
         return out
     hf_dir = CACHE / "smollm2-hf"
@@ -208,7 +209,7 @@ def _reference_model(python: Path) -> Path:
             "-o",
             str(out),
             "-p",
-            "fp32",
+            precision,
             "-e",
             "cpu",
             "-c",
@@ -242,11 +243,12 @@ def _child(engine: str, args, python: str | None = None, extra: list[str] = ()) 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _build(artifact: str) -> dict:
+def _build(artifact: str, precision: str) -> dict:
     """Build the artifact in a child process: wall time and that process's peak RSS."""
     start = time.perf_counter()
+    quant = [] if precision == "fp32" else ["--quant", precision]
     subprocess.run(
-        [sys.executable, "-m", "llmc.cli", "build", "--out", artifact],
+        [sys.executable, "-m", "llmc.cli", "build", "--out", artifact, *quant],
         check=True,
         capture_output=True,
     )
@@ -257,7 +259,13 @@ def _build(artifact: str) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifact", default=str(ROOT / "artifacts" / "bench-smollm2-onnx"))
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "int8", "int4"],
+        default="fp32",
+        help="fp32, or llmc --quant int8/int4 vs onnxruntime-genai -p int8/int4.",
+    )
+    parser.add_argument("--artifact", help="Default: artifacts/bench-smollm2-onnx[-PRECISION].")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3, help="Rounds (one process per engine).")
     parser.add_argument("--runs-per-child", type=int, default=1, help=argparse.SUPPRESS)
@@ -271,6 +279,9 @@ def main():
     )
     parser.add_argument("--json", type=Path, help="Also write the result to this file.")
     args = parser.parse_args()
+    if args.artifact is None:
+        suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+        args.artifact = str(ROOT / "artifacts" / f"bench-smollm2-onnx{suffix}")
     if args.engine:  # child process: one engine, one JSON line
         if args.engine == "llmc":
             result = run_llmc(args.artifact, args.threads, args.runs)
@@ -283,19 +294,19 @@ def main():
 
     build = {}
     if args.rebuild or not (Path(args.artifact) / "llmc.json").is_file():
-        build = _build(args.artifact)
+        build = _build(args.artifact, args.precision)
     manifest = json.loads((Path(args.artifact) / "llmc.json").read_text())
     build.setdefault("build_s", manifest["build"]["seconds"])
     size = sum(f["size"] for f in manifest["files"].values()) / 1e6
     python = _reference_env()
-    ref_model = _reference_model(python)
+    ref_model = _reference_model(python, args.precision)
     children = {
         "llmc-onnx": lambda: _child("llmc", args),
         "onnxruntime-genai": lambda: _child(
             "ort-genai", args, python=str(python), extra=["--ref-model", str(ref_model)]
         ),
     }
-    if not args.skip_transformers:
+    if not args.skip_transformers and args.precision == "fp32":
         children["transformers-eager"] = lambda: _child("transformers", args)
     # Rounds interleave the engines, so that a slow spell of this shared machine hits all alike.
     rounds: dict[str, list[dict]] = {name: [] for name in children}
@@ -306,7 +317,7 @@ def main():
     ours = engines["llmc-onnx"] = {**engines["llmc-onnx"], **build, "size_mb": round(size, 1)}
     report = {
         "protocol": {
-            "model": "SmolLM2-135M-Instruct fp32",
+            "model": f"SmolLM2-135M-Instruct {args.precision}",
             "prompt": PROMPT,
             "chat": True,
             "new_tokens": NEW_TOKENS,

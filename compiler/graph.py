@@ -23,8 +23,9 @@ class Graph:
     input_names: list[str]
     output_names: list[str]
     kv_mode: str = "concat"
-    logits: str = "all"  # "all" positions, or "last" after prune_lm_head
+    logits: str = "all"  # "all" positions, or "selected" by a logits_index input (prune_lm_head)
     notes: list[str] = field(default_factory=list)
+    quantization: dict | None = None  # the recipe, set by quantize_weights
 
     @classmethod
     def from_trace(cls, traced, spec: ModelSpec, options) -> Graph:
@@ -57,7 +58,14 @@ class Graph:
     def example_inputs(self, batch: int = 1, seq: int = 3, past: int = 2):
         from llmc.compiler.trace import example_inputs
 
-        return example_inputs(self.spec, batch=batch, seq=seq, past=past, kv_mode=self.kv_mode)
+        return example_inputs(
+            self.spec,
+            batch=batch,
+            seq=seq,
+            past=past,
+            kv_mode=self.kv_mode,
+            logits_index="logits_index" in self.input_names,
+        )
 
     # -- lifted tensors (weights, buffers, constants) --------------------------------------------
     def tensor(self, node: torch.fx.Node) -> torch.Tensor | None:

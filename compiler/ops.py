@@ -120,12 +120,63 @@ def attention_ref(
     return out, present_k, present_v
 
 
+def _dequantize_packed(
+    qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group: int
+) -> Tensor:
+    """Packed codes [N, K*bits/8] (4-bit: even channel in the low nibble), scales and zeros
+    [N, K/group] -> W [N, K] = (q - zero) * scale; no zeros: the symmetric 2^(bits-1)."""
+    if bits == 4:
+        codes = torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).flatten(-2)
+    else:
+        codes = qweight
+    n, k = codes.shape
+    q = codes.to(scales.dtype).view(n, k // group, group)
+    zero = zeros.unsqueeze(-1) if zeros is not None else float(2 ** (bits - 1))
+    return ((q - zero) * scales.unsqueeze(-1)).view(n, k)
+
+
+def linear_nbits_ref(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    bits: int,
+    group: int,
+    bias: Tensor | None,
+) -> Tensor:
+    """Weight-only quantized linear: x @ dequantize(qweight)ᵀ + bias."""
+    weight = _dequantize_packed(qweight, scales, zeros, bits, group).to(x.dtype)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def embedding_nbits_ref(
+    ids: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group: int
+) -> Tensor:
+    """Rows `ids` of a quantized embedding table (the same layout as linear_nbits)."""
+    table = _dequantize_packed(qweight, scales, zeros, bits, group)
+    return torch.nn.functional.embedding(ids, table)
+
+
 # -- registration: the references are the ops' implementations ----------------------------------
 
 rms_norm = torch.library.custom_op("llmc::rms_norm", mutates_args=())(rms_norm_ref)
 skip_rms_norm = torch.library.custom_op("llmc::skip_rms_norm", mutates_args=())(skip_rms_norm_ref)
 rotary = torch.library.custom_op("llmc::rotary", mutates_args=())(rotary_ref)
 attention = torch.library.custom_op("llmc::attention", mutates_args=())(attention_ref)
+linear_nbits = torch.library.custom_op("llmc::linear_nbits", mutates_args=())(linear_nbits_ref)
+embedding_nbits = torch.library.custom_op("llmc::embedding_nbits", mutates_args=())(
+    embedding_nbits_ref
+)
+
+
+@linear_nbits.register_fake
+def _(x, qweight, scales, zeros, bits, group, bias):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@embedding_nbits.register_fake
+def _(ids, qweight, scales, zeros, bits, group):
+    return scales.new_empty((*ids.shape, qweight.shape[1] * 8 // bits))
 
 
 @rms_norm.register_fake
@@ -159,6 +210,8 @@ OPS = {
     torch.ops.llmc.skip_rms_norm.default: skip_rms_norm_ref,
     torch.ops.llmc.rotary.default: rotary_ref,
     torch.ops.llmc.attention.default: attention_ref,
+    torch.ops.llmc.linear_nbits.default: linear_nbits_ref,
+    torch.ops.llmc.embedding_nbits.default: embedding_nbits_ref,
 }
 
 

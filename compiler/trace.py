@@ -23,10 +23,14 @@ class TraceOptions:
     "llmc" routes every attention call to one `llmc::attention` op.
     kv_mode: "concat" (present = past ++ new) or "shared" (a buffer per layer, written in place;
     needs llmc attention).
+    logits_index: the graph takes `logits_index` (int64 [P]) and computes logits only at those
+    positions of every row (transformers' `logits_to_keep` with a tensor): [S-1] when generating,
+    every position when scoring a text.
     """
 
     attention: str = "model"
     kv_mode: str = "concat"
+    logits_index: bool = False  # a `logits_index` input picks the positions that get logits
     notes: list[str] = field(default_factory=list)
 
     def attention_impl(self, model: torch.nn.Module) -> str:
@@ -131,29 +135,24 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 
 
 class KVWrapper(torch.nn.Module):
-    """forward(input_ids, position_ids, attention_mask, *past) -> (logits, *present).
+    """forward(input_ids, position_ids, seq_info, [logits_index,] *past) -> (logits, *present).
 
     past/present are flattened per layer as key, value; each [batch, kv_heads, seq, head_dim].
-    With `all_logits=False` only the last position's logits are computed (generation graphs).
     """
 
     def __init__(
-        self,
-        model: torch.nn.Module,
-        spec: ModelSpec,
-        all_logits: bool = True,
-        options: TraceOptions | None = None,
+        self, model: torch.nn.Module, spec: ModelSpec, options: TraceOptions | None = None
     ):
         super().__init__()
         self.model = model
         self.num_layers = spec.num_layers
-        self.all_logits = all_logits
         self.options = options or TraceOptions()
         self._cache_kwarg = cache_kwarg(model)
 
-    def forward(self, input_ids, position_ids, seq_info, *past):
+    def forward(self, input_ids, position_ids, seq_info, *rest):
         """seq_info: the attention mask [B, past+S] (concat) or seqlens_k [B] int32 (shared)."""
         opts = self.options
+        keep, past = (rest[0], rest[1:]) if opts.logits_index else (0, rest)
         llmc = opts.attention == ATTENTION_NAME
         layer_cls = PassThroughLayer if llmc else ExplicitKVLayer
         layers = [layer_cls(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
@@ -174,7 +173,7 @@ class KVWrapper(torch.nn.Module):
                 position_ids=position_ids,
                 attention_mask=None if shared else seq_info,
                 use_cache=True,
-                logits_to_keep=0 if self.all_logits else 1,
+                logits_to_keep=keep,
                 **{self._cache_kwarg: cache},
             )
         finally:
@@ -195,23 +194,33 @@ class TraceResult:
     output_names: list[str]
 
 
-def io_names(spec: ModelSpec, kv_mode: str = "concat") -> tuple[list[str], list[str]]:
+def io_names(
+    spec: ModelSpec, kv_mode: str = "concat", logits_index: bool = False
+) -> tuple[list[str], list[str]]:
     """Input and output names of the KV-cache contract (DESIGN.md)."""
     past = [f"past_key_values.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
     seq_info = "seqlens_k" if kv_mode == "shared" else "attention_mask"
-    return ["input_ids", "position_ids", seq_info, *past], ["logits", *present]
+    index = ["logits_index"] if logits_index else []
+    return ["input_ids", "position_ids", seq_info, *index, *past], ["logits", *present]
 
 
 def example_inputs(
-    spec: ModelSpec, batch: int = 2, seq: int = 3, past: int = 4, kv_mode: str = "concat"
+    spec: ModelSpec,
+    batch: int = 2,
+    seq: int = 3,
+    past: int = 4,
+    kv_mode: str = "concat",
+    logits_index: bool = False,
 ):
-    """Inputs for one chunked-prefill step: `seq` new tokens after `past` cached ones.
+    """Inputs for one chunked-prefill step: `seq` new tokens after `past` cached ones (logits for
+    every position when the graph takes `logits_index`).
 
     In shared mode the KV buffers hold `past + seq + 2` positions (the tail is never read) and
     rows have different lengths, as they do in a batch."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=g)
+    index = (torch.arange(seq),) if logits_index else ()
     if kv_mode == "shared":
         lengths = torch.tensor([past + seq - (row % 2) for row in range(batch)])
         pos = (lengths - seq).unsqueeze(1) + torch.arange(seq)
@@ -220,29 +229,44 @@ def example_inputs(
             torch.randn(batch, spec.num_kv_heads, capacity, spec.head_dim, generator=g)
             for _ in range(2 * spec.num_layers)
         ]
-        return (ids, pos, (lengths - 1).to(torch.int32), *kv)
+        return (ids, pos, (lengths - 1).to(torch.int32), *index, *kv)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     kv = [
         torch.randn(batch, spec.num_kv_heads, past, spec.head_dim, generator=g)
         for _ in range(2 * spec.num_layers)
     ]
-    return (ids, pos, mask, *kv)
+    return (ids, pos, mask, *index, *kv)
+
+
+def prefill_inputs(spec: ModelSpec, ids: torch.Tensor, kv_mode: str, logits_index: bool) -> tuple:
+    """The inputs that prefill one row `ids` [S] on an empty cache, with logits for every
+    position (calibration runs of the graph)."""
+    s = len(ids)
+    pos = torch.arange(s)[None]
+    index = (torch.arange(s),) if logits_index else ()
+    if kv_mode == "shared":
+        capacity = max(s, 2)
+        seq_info = torch.tensor([s - 1], dtype=torch.int32)
+    else:
+        capacity, seq_info = 0, torch.ones(1, s, dtype=torch.int64)
+    kv = [
+        torch.zeros(1, spec.num_kv_heads, capacity, spec.head_dim)
+        for _ in range(2 * spec.num_layers)
+    ]
+    return (torch.as_tensor(ids)[None], pos, seq_info, *index, *kv)
 
 
 def trace(
-    model: torch.nn.Module,
-    spec: ModelSpec,
-    all_logits: bool = True,
-    options: TraceOptions | None = None,
+    model: torch.nn.Module, spec: ModelSpec, options: TraceOptions | None = None
 ) -> TraceResult:
     """torch.export (non-strict) with dynamic batch, sequence and past length: one graph serves
-    prefill (past 0), chunked prefill and decode. Logits come for every position; the
-    `prune_lm_head` pass keeps the last one in generation graphs."""
+    prefill (past 0), chunked prefill and decode. Logits come for every position, or for those
+    `logits_index` names (asked for by the `prune_lm_head` pass)."""
     from torch.export import Dim
 
     options = options or TraceOptions()
-    wrapper = KVWrapper(model, spec, all_logits=all_logits, options=options).eval()
+    wrapper = KVWrapper(model, spec, options=options).eval()
     batch = Dim("batch", min=1, max=64)
     seq = Dim("seq", min=1, max=spec.max_context)
     if options.kv_mode == "shared":
@@ -252,14 +276,15 @@ def trace(
     else:
         kv_shape = {0: batch, 2: Dim("past", min=0, max=spec.max_context)}
         seq_info = {0: batch, 1: Dim.AUTO}
+    index = ({0: Dim("logits", min=1, max=spec.max_context)},) if options.logits_index else ()
     dynamic = (
         {0: batch, 1: seq},
         {0: batch, 1: seq},
         seq_info,
-        tuple([kv_shape] * (2 * spec.num_layers)),
+        (*index, *[kv_shape] * (2 * spec.num_layers)),
     )
-    example = example_inputs(spec, kv_mode=options.kv_mode)
+    example = example_inputs(spec, kv_mode=options.kv_mode, logits_index=options.logits_index)
     with torch.no_grad(), attention_implementation(model, options.attention_impl(model)):
         program = torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=False)
-    inputs, outputs = io_names(spec, options.kv_mode)
+    inputs, outputs = io_names(spec, options.kv_mode, options.logits_index)
     return TraceResult(program, inputs, outputs)

@@ -25,6 +25,7 @@ class VerifyResult:
     greedy_agreement: int = 0
     prompts: list[str] = field(default_factory=list)
     decode_steps: int = 8
+    reference: str = "pytorch-eager"
 
     @property
     def passed(self) -> bool:
@@ -32,7 +33,7 @@ class VerifyResult:
         return worst <= self.tolerance and self.greedy_agreement == self.steps_compared
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed, "reference": "pytorch-eager"}
+        return {**asdict(self), "passed": self.passed}
 
     def summary(self) -> str:
         return (
@@ -42,15 +43,72 @@ class VerifyResult:
         )
 
 
-def _eager_step(model, ids: torch.Tensor, cache, mask: torch.Tensor | None = None):
-    kwargs = {cache_kwarg(model): cache}
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
-    return out.logits[:, -1, :].float(), out["cache" if "cache" in out else "past_key_values"]
+class EagerReference:
+    """Teacher-forced steps of the PyTorch model itself (transformers' own cache)."""
+
+    name = "pytorch-eager"
+
+    def __init__(self, model):
+        self.model, self.cache = model, None
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        self.cache = None
+        return self._step(torch.tensor([ids]))
+
+    def decode(self, token: int) -> torch.Tensor:
+        return self._step(torch.tensor([[token]]))
+
+    def _step(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, use_cache=True, **{cache_kwarg(self.model): self.cache})
+        self.cache = out["cache" if "cache" in out else "past_key_values"]
+        return out.logits[:, -1, :].float()
+
+
+class GraphReference:
+    """Teacher-forced steps of the pass-transformed graph in PyTorch (its llmc ops run their
+    reference implementations): for a quantized artifact, the exact numbers it should compute,
+    so verification checks the lowering and not the quantization error (perplexity does that)."""
+
+    name = "pytorch-llmc-graph"
+
+    def __init__(self, graph, capacity: int):
+        self.graph, self.capacity = graph, capacity
+        self.past: list[torch.Tensor] = []
+        self.length = 0
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        spec = self.graph.spec
+        shape = (1, spec.num_kv_heads, self.capacity if self._shared else 0, spec.head_dim)
+        self.past = [torch.zeros(shape) for _ in range(2 * spec.num_layers)]
+        self.length = 0
+        return self._step(ids)
+
+    def decode(self, token: int) -> torch.Tensor:
+        return self._step([token])
+
+    @property
+    def _shared(self) -> bool:
+        return self.graph.kv_mode == "shared"
+
+    def _step(self, ids: list[int]) -> torch.Tensor:
+        s, total = len(ids), self.length + len(ids)
+        inputs = {
+            "input_ids": torch.tensor([ids]),
+            "position_ids": torch.arange(self.length, total)[None],
+            "seqlens_k": torch.tensor([total - 1], dtype=torch.int32),
+            "attention_mask": torch.ones(1, total, dtype=torch.int64),
+            "logits_index": torch.tensor([s - 1]),
+        }
+        names = self.graph.input_names
+        values = [inputs[n] for n in names if not n.startswith("past_key_values.")]
+        logits, *present = self.graph.run(*values, *self.past)
+        self.past, self.length = list(present), total
+        return logits[:, -1, :].float()
 
 
 @torch.no_grad()
 def verify(
-    model,
+    reference,
     session,
     prompts: list[list[int]],
     tolerance: float,
@@ -58,10 +116,15 @@ def verify(
     texts: tuple[str, ...] = PROMPTS,
 ) -> VerifyResult:
     """Teacher-forced comparison: both sides get PyTorch's greedy token at every step."""
-    result = VerifyResult(tolerance=tolerance, prompts=list(texts), decode_steps=decode_steps)
+    result = VerifyResult(
+        tolerance=tolerance,
+        prompts=list(texts),
+        decode_steps=decode_steps,
+        reference=reference.name,
+    )
     prefill_logits = []
     for ids in prompts:
-        ref, cache = _eager_step(model, torch.tensor([ids]), None)
+        ref = reference.prefill(ids)
         got = session.prefill(np.asarray([ids]))
         prefill_logits.append(ref[0].numpy())
         for step in range(decode_steps + 1):
@@ -72,7 +135,7 @@ def verify(
             result.greedy_agreement += int(got[0].argmax() == token)
             if step == decode_steps:
                 break
-            ref, cache = _eager_step(model, torch.tensor([[token]]), cache)
+            ref = reference.decode(token)
             got = session.decode(np.asarray([[token]]))
     if len(prompts) > 1:  # left-padded batch: every row must match its own unpadded prefill
         width = max(len(p) for p in prompts)

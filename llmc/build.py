@@ -14,7 +14,7 @@ from pathlib import Path
 from llmc import __version__
 from llmc.artifact import MANIFEST, atomic_directory, read_manifest, write_manifest
 from llmc.config import DEFAULT_ARTIFACTS, BuildConfig
-from llmc.errors import LlmcError, VerificationError
+from llmc.errors import LlmcError, QualityGateError, VerificationError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,12 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
     source = sources.resolve(config.model)
     out = output_path(config, source.name)
     _check_destination(out)
-    passes = target.pipeline()
+    if config.max_ppl_increase is not None and config.eval_file is None:
+        raise LlmcError("--max-ppl-increase needs --eval FILE, the text to measure it on.")
+    if config.eval_file is not None and not Path(config.eval_file).is_file():
+        raise LlmcError(f"--eval {config.eval_file} is not a file; pass a UTF-8 text file.")
+    quant = _quant_config(config)
+    passes = target.pipeline(quant=quant)
     from llmc.compiler.pass_manager import select
 
     passes = select(passes, config.passes)
@@ -84,6 +89,10 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
     with progress.stage("trace with torch.export"):
         traced = trace(loaded.model, spec, options=options)
     graph = Graph.from_trace(traced, spec, options)
+    calibration = None
+    if quant is not None and quant.calibrated:
+        calibration = _calibration(config, loaded.tokenizer, spec.max_context)
+        next(p for p in passes if p.name == "quantize_weights").calibration = calibration["rows"]
     with progress.stage(f"run {len(passes)} passes"):
         reports = run_pipeline(graph, passes)
 
@@ -92,17 +101,40 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
             emitted = target.emit(graph, tmp)
         loaded.tokenizer.save_pretrained(tmp)
         manifest = _manifest(config, source, spec, graph, emitted, reports, loaded)
+        if graph.quantization is not None:
+            manifest["quantization"] = {
+                **graph.quantization,
+                "calibration": {k: v for k, v in calibration.items() if k != "rows"}
+                if calibration
+                else None,
+            }
         files = write_manifest(tmp, manifest)  # the session reads it during verification
         if config.verify:
-            with progress.stage("verify against PyTorch eager"):
-                result = _verify(config, source, loaded, target, tmp)
+            what = "the quantized graph in PyTorch" if quant else "PyTorch eager"
+            with progress.stage(f"verify against {what}"):
+                result, fast = _verify(
+                    config, source, loaded, target, tmp, graph if quant else None
+                )
             manifest["verification"] = result.to_dict()
+            if fast is not None:
+                manifest["verification"]["fast_kernels"] = fast
+                progress.note(
+                    f"fast decode kernels (int8 activations): max |Δlogits| "
+                    f"{fast['max_abs_diff']:.2e}, greedy "
+                    f"{fast['greedy_agreement']}/{fast['steps_compared']}"
+                )
             progress.note(f"verification: {result.summary()}")
             if not result.passed:
                 raise VerificationError(
                     f"the {config.target} artifact does not match PyTorch ({result.summary()}); "
                     "nothing was written. Re-run with --debug and report it."
                 )
+        if config.eval_file is not None:
+            with progress.stage(f"perplexity on {Path(config.eval_file).name}"):
+                evaluation = _evaluate(config, loaded, target, tmp)
+            manifest["evaluation"] = evaluation
+            progress.note(_describe_evaluation(evaluation))
+            _quality_gate(config, evaluation)
         manifest["build"]["seconds"] = round(time.perf_counter() - started, 1)
         write_manifest(tmp, manifest, files)  # verification changed no file: reuse the hashes
     return BuildResult(out, read_manifest(out, check_files=False))
@@ -113,18 +145,127 @@ def default_tolerance(source_kind: str) -> float:
     return 1e-4 if source_kind == "tiny" else 1e-3
 
 
-def _verify(config, source, loaded, target, directory: Path):
-    from llmc.compiler.verify import verify
+def _verify(config, source, loaded, target, directory: Path, graph=None):
+    """Parity with PyTorch eager; a quantized artifact is compared with its own graph run in
+    PyTorch (the same dequantized weights), so the check is of the lowering, and perplexity
+    (`--eval`) measures the quantization."""
+    from llmc.compiler.verify import EagerReference, GraphReference, verify
+
+    manifest = read_manifest(directory, check_files=False)
+    tolerance = config.tolerance or default_tolerance(source.kind)
+    steps = config.decode_steps
+    if graph is None:
+        session = target.session_class()(directory, manifest)
+        prompts = verify_prompts(loaded.tokenizer, session.max_context)
+        return verify(EagerReference(loaded.model), session, prompts, tolerance, steps), None
+    # Quantized: the exact kernels must compute what the graph computes; the fast decode kernels
+    # (int8 activations) are compared too, for the record.
+    exact = target.session_class()(directory, manifest, exact=True)
+    prompts = verify_prompts(loaded.tokenizer, exact.max_context)
+    capacity = max(2, max(len(p) for p in prompts) + steps + 1)
+    result = verify(GraphReference(graph, capacity), exact, prompts, tolerance, steps)
+    del exact
+    fast = target.session_class()(directory, manifest)
+    decode = verify(GraphReference(graph, capacity), fast, prompts, tolerance, steps)
+    return result, {
+        "max_abs_diff": decode.max_abs_diff,
+        "greedy_agreement": decode.greedy_agreement,
+        "steps_compared": decode.steps_compared,
+    }
+
+
+def _quant_config(config):
+    """The QuantConfig of --quant/--group-size/--sym, with flag errors found before any work."""
+    if config.quant is None:
+        if config.sym is not None or config.calib is not None:
+            raise LlmcError("--sym/--asym and --calib only apply with --quant; add --quant int4.")
+        return None
+    from llmc.passes.quantize_weights import METHODS, QuantConfig
+
+    if config.quant not in METHODS:
+        raise LlmcError(f"--quant {config.quant}: choose one of {', '.join(METHODS)}.")
+    g = config.group_size
+    if g and (g & (g - 1) or not 16 <= g <= 256):
+        raise LlmcError(
+            f"--group-size {g}: use a power of two from 16 to 256, or 0 for one group per row."
+        )
+    if config.calib is not None and not Path(config.calib).is_file():
+        raise LlmcError(f"--calib {config.calib} is not a file; pass a UTF-8 text file.")
+    return QuantConfig(config.quant, group=g, sym=config.sym)
+
+
+DEFAULT_CALIB = Path("../shared/data/tinyshakespeare-dev.txt")
+
+
+def _calibration(config, tokenizer, max_context: int) -> dict:
+    """Calibration rows: `calib_samples` windows of `calib_seqlen` tokens, spread evenly over
+    the text; with the file's hash for the manifest."""
+    import torch
+
+    from llmc.artifact import sha256_file
+
+    path = Path(config.calib) if config.calib else DEFAULT_CALIB
+    if not path.is_file():
+        raise LlmcError(
+            f"--quant {config.quant} needs calibration text: pass --calib FILE (any UTF-8 text)."
+        )
+    ids = torch.tensor(tokenizer(path.read_text(encoding="utf-8"), verbose=False)["input_ids"])
+    seqlen = min(config.calib_seqlen, max_context, len(ids))
+    if seqlen < 8:
+        raise LlmcError(f"--calib {path} is too short; pass a text of a few hundred words.")
+    count = min(config.calib_samples, len(ids) // seqlen)
+    starts = torch.linspace(0, len(ids) - seqlen, count).long().tolist()
+    return {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "samples": count,
+        "seqlen": seqlen,
+        "rows": [ids[s : s + seqlen] for s in starts],
+    }
+
+
+def _evaluate(config, loaded, target, directory: Path) -> dict:
+    """The artifact's perplexity and the fp32 PyTorch model's, on the same windows."""
+    from llmc.evaluate import TorchScorer, evaluate_session
 
     session = target.session_class()(directory, read_manifest(directory, check_files=False))
-    tolerance = config.tolerance or default_tolerance(source.kind)
-    return verify(
-        loaded.model,
-        session,
-        verify_prompts(loaded.tokenizer, session.max_context),
-        tolerance,
-        decode_steps=config.decode_steps,
+    tok = loaded.tokenizer
+
+    def encode(text: str) -> list[int]:
+        return tok(text, verbose=False)["input_ids"]
+
+    ours = evaluate_session(session, encode, config.eval_file, max_tokens=config.eval_tokens)
+    reference = evaluate_session(
+        TorchScorer(loaded.model, session.max_context),
+        encode,
+        config.eval_file,
+        window=ours["window"],
+        stride=ours["stride"],
+        max_tokens=config.eval_tokens,
     )
+    increase = ours["perplexity"] / reference["perplexity"] - 1
+    return {
+        **ours,
+        "reference": {"engine": "pytorch-fp32", "perplexity": reference["perplexity"]},
+        "increase": increase,
+        "max_increase": config.max_ppl_increase,
+    }
+
+
+def _describe_evaluation(e: dict) -> str:
+    return (
+        f"perplexity {e['perplexity']:.3f} on {e['tokens']} tokens of {e['file']} "
+        f"(fp32 PyTorch {e['reference']['perplexity']:.3f}, {e['increase']:+.2%})"
+    )
+
+
+def _quality_gate(config, evaluation: dict) -> None:
+    limit = config.max_ppl_increase
+    if limit is not None and evaluation["increase"] > limit:
+        raise QualityGateError(
+            f"{_describe_evaluation(evaluation)} exceeds --max-ppl-increase {limit:.1%}; "
+            "nothing was written. Try a gentler --quant, a smaller --group-size, or gptq/awq."
+        )
 
 
 def verify_prompts(tokenizer, max_context: int, decode_steps: int = 8) -> list[list[int]]:

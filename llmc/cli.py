@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from llmc.errors import LlmcError, VerificationError
+from llmc.errors import LlmcError, QualityGateError, VerificationError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_VERIFY, EXIT_INTERRUPT = 0, 1, 2, 3, 130
 
@@ -32,6 +32,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except LlmcError as exc:
             _fail(f"error: {exc}", EXIT_USER, debug)
+        except QualityGateError as exc:
+            _fail(f"quality gate failed: {exc}", EXIT_VERIFY, debug)
         except VerificationError as exc:
             _fail(f"verification failed: {exc}", EXIT_VERIFY, debug)
         except KeyboardInterrupt:
@@ -66,6 +68,7 @@ def cli(debug: bool):
       llmc build [MODEL] --target onnx      trace, optimize, emit and verify
       llmc run ARTIFACT "prompt"            generate text (streams to stdout)
       llmc inspect ARTIFACT                 manifest, op histogram, pass reports
+      llmc eval ARTIFACT --perplexity FILE  perplexity on a text (strided windows)
     """
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
@@ -128,12 +131,83 @@ class _RichProgress:
     type=click.IntRange(min=2),
     help="Largest sequence the artifact accepts (default: the model's).",
 )
-def build(model, target, out, verify, passes, tolerance, max_context):
+@click.option(
+    "--quant",
+    type=click.Choice(["int8", "int4", "gptq", "awq"]),
+    help="Weight-only quantization: int8/int4 round-to-nearest, or 4-bit GPTQ/AWQ (calibrated).",
+)
+@click.option(
+    "--group-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Input channels per quantization scale (a power of two >= 16); 0: one per output row.",
+)
+@click.option(
+    "--sym/--asym",
+    default=None,
+    help="Symmetric or asymmetric grid [default: sym for int8, asym for 4-bit].",
+)
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    help="Text file for GPTQ/AWQ calibration [default: ../shared/data/tinyshakespeare-dev.txt].",
+)
+@click.option(
+    "--calib-samples",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Calibration sequences.",
+)
+@click.option(
+    "--calib-seqlen",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=8),
+    help="Tokens per calibration sequence.",
+)
+@click.option(
+    "--eval",
+    "eval_file",
+    type=click.Path(path_type=Path),
+    help="Measure perplexity on this text (artifact and fp32 PyTorch) and record it.",
+)
+@click.option(
+    "--eval-tokens",
+    default=8192,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Tokens of the --eval text to score (0: all).",
+)
+@click.option(
+    "--max-ppl-increase",
+    metavar="PCT",
+    help="Refuse (exit 3) an artifact whose perplexity exceeds fp32's by more, e.g. 5%.",
+)
+def build(
+    model,
+    target,
+    out,
+    verify,
+    passes,
+    tolerance,
+    max_context,
+    quant,
+    group_size,
+    sym,
+    calib,
+    calib_samples,
+    calib_seqlen,
+    eval_file,
+    eval_tokens,
+    max_ppl_increase,
+):
     """Build MODEL into a verified artifact.
 
     MODEL is a Hugging Face model directory, a .gguf file, a hub id, or tiny:ARCH (llama, qwen2,
     mistral, phi3, gemma, gpt2). Without MODEL, the packaged SmolLM2-135M-Instruct is used.
-    Exit codes: 0 ok, 2 bad input, 3 verification failed, 1 internal error.
+    Exit codes: 0 ok, 2 bad input, 3 verification or quality gate failed, 1 internal error.
     """
     from llmc.build import build as run_build
     from llmc.config import BuildConfig
@@ -146,6 +220,15 @@ def build(model, target, out, verify, passes, tolerance, max_context):
         passes=passes,
         tolerance=tolerance,
         max_context=max_context,
+        quant=quant,
+        group_size=group_size,
+        sym=sym,
+        calib=calib,
+        calib_samples=calib_samples,
+        calib_seqlen=calib_seqlen,
+        eval_file=eval_file,
+        eval_tokens=eval_tokens,
+        max_ppl_increase=_fraction(max_ppl_increase),
     )
     console = _console()
     console.print(
@@ -247,6 +330,72 @@ def verify(artifact, tolerance):
     click.echo(f"verification: {result.summary()}")
     if not result.passed:
         raise VerificationError(f"{artifact} does not match PyTorch ({result.summary()}).")
+
+
+def _fraction(text: str | None) -> float | None:
+    """'5%' or '0.05' -> 0.05."""
+    if text is None:
+        return None
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a percentage such as 5%.") from None
+    if value < 0:
+        raise click.BadParameter(f"{text!r} must not be negative.")
+    return value
+
+
+@cli.command("eval")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--perplexity",
+    "text",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="UTF-8 text file to score.",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(min=2),
+    help="Tokens per window [default: min(512, the artifact's context)].",
+)
+@click.option("--stride", type=click.IntRange(min=1), help="Window step [default: window / 2].")
+@click.option(
+    "--max-tokens",
+    default=8192,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Score the text's first N tokens (0: all of it).",
+)
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate(artifact, text, window, stride, max_tokens, threads, as_json):
+    """Perplexity of ARTIFACT on a text, in strided windows: every token after the first is
+    predicted once, with at least window - stride tokens of context. Any target gives
+    comparable numbers."""
+    from rich.progress import Progress
+
+    from llmc.evaluate import evaluate_artifact
+
+    with Progress(console=_console(), transient=True) as bar:
+        task = bar.add_task("scoring", total=None)
+        result = evaluate_artifact(
+            artifact,
+            text,
+            threads=threads,
+            window=window,
+            stride=stride,
+            max_tokens=max_tokens,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(
+            f"perplexity {result['perplexity']:.4f}  ({result['tokens']} tokens of "
+            f"{result['file']}, {result['windows']} windows of {result['window']}, "
+            f"stride {result['stride']})"
+        )
 
 
 @cli.command()

@@ -18,6 +18,17 @@ class BuildConfig:
     tolerance: float | None = None  # None: 1e-4 for tiny models, 1e-3 otherwise
     max_context: int | None = None  # None: the model's own
     decode_steps: int = 8
+    # quantization (passes/quantize_weights.py); None: fp32
+    quant: str | None = None  # "int8" | "int4" | "gptq" | "awq"
+    group_size: int = 32  # 0: one group per output channel
+    sym: bool | None = None  # None: symmetric for int8, asymmetric for 4-bit methods
+    calib: Path | None = None  # text for GPTQ/AWQ (None: the shipped dev text when present)
+    calib_samples: int = 32
+    calib_seqlen: int = 256
+    # perplexity and the quality gate (llmc/evaluate.py)
+    eval_file: Path | None = None
+    eval_tokens: int = 8192
+    max_ppl_increase: float | None = None  # fraction, e.g. 0.05
 
     def describe(self) -> dict:
         return {
@@ -27,4 +38,6 @@ class BuildConfig:
             "verify": self.verify,
             "passes": self.passes or "all",
             "max_context": self.max_context or "model's",
+            **({"quant": self.quant} if self.quant else {}),
+            **({"eval": str(self.eval_file)} if self.eval_file else {}),
         }

@@ -34,3 +34,7 @@ class VerificationError(Exception):
     """The built artifact does not match PyTorch within tolerance. Exit code 3."""
 
     exit_code = 3
+
+
+class QualityGateError(VerificationError):
+    """The artifact's perplexity is worse than `--max-ppl-increase` allows. Exit code 3."""

@@ -11,10 +11,15 @@ def reverify(directory: Path, tolerance: float | None = None):
     from llmc.artifact import read_manifest
     from llmc.build import default_tolerance, verify_prompts
     from llmc.compiler import sources
-    from llmc.compiler.verify import verify
+    from llmc.compiler.verify import EagerReference, verify
     from llmc.targets import get
 
     manifest = read_manifest(directory)
+    if manifest.get("quantization"):
+        raise ArtifactError(
+            f"{directory} is quantized: it was verified against its own graph at build time; "
+            "rebuild it to verify again."
+        )
     recorded = manifest["source"]
     source = sources.resolve(None if recorded["kind"] == "default" else recorded["ref"])
     loaded = sources.load(source)
@@ -27,4 +32,4 @@ def reverify(directory: Path, tolerance: float | None = None):
     tol = tolerance or manifest["verification"].get("tolerance") or default_tolerance(source.kind)
     steps = manifest["verification"].get("decode_steps", 8)
     prompts = verify_prompts(loaded.tokenizer, session.max_context, steps)
-    return verify(loaded.model, session, prompts, tol, decode_steps=steps)
+    return verify(EagerReference(loaded.model), session, prompts, tol, decode_steps=steps)

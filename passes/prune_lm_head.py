@@ -1,15 +1,16 @@
-"""Compute logits for the last position only (generation graphs), and everything after the
-last attention only for the positions those logits need.
+"""Compute logits only at the positions a `logits_index` input names, and everything after the
+last attention only for those positions.
 
-Before: logits = lm_head(norm(h + mlp(...(o_proj(attention(...))))))    every position
-After:  logits = lm_head(norm(h[:, -1:] + mlp(...(o_proj(attention(...)[:, -1:])))))
+Before: logits = lm_head(norm(h + mlp(...(o_proj(attention(...)))))[:, logits_index])
+After:  logits = lm_head(norm(h[:, i] + mlp(...(o_proj(attention(...)[:, i])))))   i = logits_index
 
-The slice is first put in front of the lm_head, then moved up through every op that works
-position by position (linear, norms, elementwise ops, splits) as long as nothing else reads the
-full-length value. On a 512-token prompt this skips 511 rows of the largest matmul of a small
-model (for SmolLM2, vocab 49152 × hidden 576: a fifth of the prefill's arithmetic) and of the
-last layer's o_proj and MLP. Scoring graphs (perplexity) keep every position: leave this pass
-out of their pipeline.
+At trace time the pass asks for a `logits_index` input (int64 [P]), which transformers'
+`logits_to_keep` applies in front of the lm_head. The selection is then moved up through every op
+that works position by position (linear, norms, elementwise ops, splits) as long as nothing else
+reads the full-length value. Generating, the runtime passes [S-1]: on a 512-token prompt this skips
+511 rows of the largest matmul of a small model (for SmolLM2, vocab 49152 × hidden 576: a fifth of
+the prefill's arithmetic) and of the last layer's o_proj and MLP. Scoring a text (perplexity), it
+passes every position, so one artifact serves both.
 """
 
 from __future__ import annotations
@@ -43,36 +44,41 @@ def lm_head(graph: Graph) -> tuple[torch.fx.Node | None, str]:
 class PruneLmHead:
     name = "prune_lm_head"
 
+    def configure(self, options, model) -> None:
+        options.logits_index = True
+
     def run(self, graph: Graph) -> PassReport:
         head, reason = lm_head(graph)
         if head is None:
-            return PassReport(self.name, modified=False, counts={"pruned": 0}, notes=[reason])
+            return self._skip(reason)
+        if "logits_index" not in graph.input_names:
+            return self._skip("the graph has no logits_index input (traced without this pass)")
         hidden = head.args[1] if head.target is aten.addmm.default else head.args[0]
-        val = hidden.meta["val"]
-        if val.dim() != 3:
-            return PassReport(
-                self.name,
-                modified=False,
-                counts={"pruned": 0},
-                notes=[f"{head.name}: input is rank {val.dim()}, not [batch, seq, hidden]"],
-            )
-        if isinstance(val.shape[1], int) and val.shape[1] == 1:
-            return PassReport(
-                self.name,
-                modified=False,
-                counts={"pruned": 0},
-                notes=[f"{head.name}: already computes one position"],
-            )
-        with graph.fx.inserting_before(head):
-            last = graph.call(aten.slice.Tensor, (hidden, 1, -1, END), like=head)
-        head.replace_input_with(hidden, last)
-        _refresh(graph, head)
-        moved = _sink(graph, last)
-        graph.logits = "last"
+        index = graph.user_input("logits_index")
+        reason = _not_selected(hidden, index)
+        if reason:
+            return self._skip(f"{head.name}: {reason}")
+        with graph.fx.inserting_before(hidden):  # h[:, index] -> index_select(h, 1, index)
+            chosen = graph.call(aten.index_select.default, (hidden.args[0], 1, index), like=hidden)
+        hidden.replace_all_uses_with(chosen)
+        erase_unused(graph, [hidden])
+        moved = _sink(graph, chosen)
+        graph.logits = "selected"
         return PassReport(self.name, modified=True, counts={"pruned": 1, "ops_moved": moved})
 
+    def _skip(self, reason: str) -> PassReport:
+        return PassReport(self.name, modified=False, counts={"pruned": 0}, notes=[reason])
 
-END = 9223372036854775807
+
+def _not_selected(hidden: torch.fx.Node, index: torch.fx.Node) -> str:
+    """Why the lm_head's input is not `h[:, logits_index]` as traced ("" if it is)."""
+    if is_call(hidden, aten.index.Tensor) and list(hidden.args[1]) == [None, index]:
+        return ""
+    if is_call(hidden, aten.index_select.default):
+        return "its input is already selected by logits_index"
+    return f"its input {hidden.name} is not selected by logits_index"
+
+
 # Ops whose output at a position depends only on their inputs at that position (over dim 1).
 _POSITIONWISE = {
     aten.linear.default,
@@ -91,16 +97,13 @@ _POSITIONWISE = {
 }
 
 
-def _is_last_slice(node) -> bool:
-    return (
-        is_call(node, aten.slice.Tensor)
-        and tuple(node.args[1:4]) == (1, -1, END)
-        and len(node.args) <= 4
-    )
+def _is_selection(node, index) -> bool:
+    return is_call(node, aten.index_select.default) and tuple(node.args[1:]) == (1, index)
 
 
 def _sink(graph: Graph, start: torch.fx.Node) -> int:
-    """Move last-position slices above position-wise producers; return how many ops moved."""
+    """Move position selections above position-wise producers; return how many ops moved."""
+    index = start.args[2]
     moved, todo = 0, [start]
     while todo:
         sl = todo.pop()
@@ -114,14 +117,14 @@ def _sink(graph: Graph, start: torch.fx.Node) -> int:
         users = [u for o in outputs for u in o.users]
         if op is not x and not all(is_call(o, operator.getitem) for o in outputs):
             continue
-        if not all(_is_last_slice(u) for u in users):
+        if not all(_is_selection(u, index) for u in users):
             continue  # someone reads every position: stop here
         seq = shape_str(x).split(",")[1] if "," in shape_str(x) else None
         new_args = []
         with graph.fx.inserting_before(op):
             for a in op.args:
                 if isinstance(a, torch.fx.Node) and _has_seq(a, seq):
-                    a = graph.call(aten.slice.Tensor, (a, 1, -1, END), like=op)
+                    a = graph.call(aten.index_select.default, (a, 1, index), like=op)
                     todo.append(a)
                 new_args.append(a)
             new = graph.call(op.target, new_args, op.kwargs, like=op)
@@ -155,13 +158,3 @@ def _has_seq(node: torch.fx.Node, seq: str | None) -> bool:
     if not isinstance(val, torch.Tensor) or val.dim() < 2 or seq is None:
         return False
     return str(val.shape[1]).strip() == seq.strip()
-
-
-def _refresh(graph: Graph, start: torch.fx.Node) -> None:
-    """Recompute the fake values of `start` and everything downstream of it (their sequence
-    dim is now 1)."""
-    changed = {start}
-    for node in list(graph.fx.nodes):
-        if node.op == "call_function" and (node is start or changed & set(node.all_input_nodes)):
-            graph.refresh(node)
-            changed.add(node)

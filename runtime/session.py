@@ -23,6 +23,10 @@ class Session(Protocol):
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """ids [B, 1] -> logits [B, V]."""
 
+    def score(self, ids: np.ndarray) -> np.ndarray:
+        """ids [S] of one sequence, on a fresh cache -> logits at every position [S, V]
+        (perplexity). The cache is left holding the sequence."""
+
 
 class PositionTracker:
     """The attention mask and position ids of a left-padded batch as it grows."""

@@ -25,8 +25,8 @@ class TargetInfo:
 
     # Each target sub-package has the same three modules; they are imported only when used, so the
     # runtime (session) never pulls in the compiler's torch.
-    def pipeline(self) -> list:
-        return importlib.import_module(f"{self.module}.pipeline").pipeline()
+    def pipeline(self, **options) -> list:
+        return importlib.import_module(f"{self.module}.pipeline").pipeline(**options)
 
     def emit(self, graph, out_dir):
         return importlib.import_module(f"{self.module}.emit").emit(graph, out_dir)

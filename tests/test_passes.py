@@ -37,7 +37,7 @@ _ROPE = {
     "fuse_skip_rms_norm": 4,
     "fuse_rotary": 4,
     "fuse_qkv": 2,
-    "fold_layout": 23,
+    "fold_layout": 22,
     "prune_lm_head": 1,
     "fuse_rotary_attention": 2,
     "pack_qkv": 2,
@@ -48,7 +48,7 @@ GOLDEN = {
     "qwen2": dict(_ROPE),
     "mistral": dict(_ROPE),
     # Phi-3 ships qkv_proj / gate_up_proj fused, and dropout(train=False) after each block
-    "phi3": {**_ROPE, "remove_noop_casts": 18, "fuse_qkv": 0, "fold_layout": 31},
+    "phi3": {**_ROPE, "remove_noop_casts": 18, "fuse_qkv": 0, "fold_layout": 30},
     "gemma": {**_ROPE, "remove_assertions": 16, "remove_noop_casts": 15},
     "gpt2": {
         "replace_attention": 2,
@@ -59,7 +59,7 @@ GOLDEN = {
         "fuse_skip_rms_norm": 0,
         "fuse_rotary": 0,
         "fuse_qkv": 0,
-        "fold_layout": 17,
+        "fold_layout": 16,
         "prune_lm_head": 1,
         "fuse_rotary_attention": 0,
         "pack_qkv": 0,
@@ -237,21 +237,24 @@ def test_fuse_qkv_negative_on_already_fused_projections(tiny_model):
 
 def test_prune_lm_head_positive_and_negative(tiny_model):
     graph = prepared(tiny_model, "llama", "prune_lm_head")
-    ids = graph.example_inputs(batch=2, seq=5)
-    full = graph.run(*ids)[0]
+    assert "logits_index" in graph.input_names  # the pass asked for it at trace time
+    ids, pos, seqlens, _, *past = graph.example_inputs(batch=2, seq=5)
+    full = graph.run(ids, pos, seqlens, torch.arange(5), *past)[0]
     linears = graph.count(aten.linear.default)
     report, _, _ = apply(graph, PruneLmHead())
-    last = graph.run(*ids)[0]
-    assert full.shape[1] == 5 and last.shape[1] == 1 and graph.logits == "last"
+    last = graph.run(ids, pos, seqlens, torch.tensor([4]), *past)[0]
+    some = graph.run(ids, pos, seqlens, torch.tensor([0, 3]), *past)[0]
+    assert full.shape[1] == 5 and last.shape[1] == 1 and graph.logits == "selected"
     assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
-    # the last layer after its attention works on one position too: o_proj, norms, MLP
+    assert torch.allclose(some, full[:, [0, 3]], atol=1e-5)
+    # the last layer after its attention works on the selected positions too: o_proj, norms, MLP
     assert report.counts == {"pruned": 1, "ops_moved": 8}
     assert graph.count(aten.linear.default) == linears
-    sliced = [n for n in graph.fx.nodes if n.target == aten.slice.Tensor]
-    assert {str(n.args[0].target) for n in sliced} == {"<built-in function getitem>"}
-    assert any(n.args[0].args[0].target == llmc_ops.attention.default for n in sliced)
-    again = PruneLmHead().run(graph)  # already one position: untouched, with the reason
-    assert not again.modified and again.notes[0].endswith("already computes one position")
+    chosen = [n for n in graph.fx.nodes if n.target == aten.index_select.default]
+    assert {str(n.args[0].target) for n in chosen} == {"<built-in function getitem>"}
+    assert any(n.args[0].args[0].target == llmc_ops.attention.default for n in chosen)
+    again = PruneLmHead().run(graph)  # already selected: untouched, with the reason
+    assert not again.modified and again.notes[0].endswith("not selected by logits_index")
 
 
 def test_pack_qkv_positive_and_negative(tiny_model):

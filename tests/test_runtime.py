@@ -47,7 +47,7 @@ def test_manifest_records_the_design_fields(tiny_artifact):
         assert key in m, key
     assert m["source"]["kind"] == "tiny" and len(m["source"]["weights_sha256"]) == 64
     assert m["io"]["kv_mode"] == "shared" and m["io"]["inputs"][0] == "input_ids"
-    assert "seqlens_k" in m["io"]["inputs"] and m["io"]["logits"] == "last"
+    assert "seqlens_k" in m["io"]["inputs"] and m["io"]["logits"] == "selected"
     assert m["io"]["past_inputs"][0] == "past_key_values.0.key"
     assert m["io"]["outputs"][:2] == ["logits", "present.0.key"]
     assert {"model.onnx", "model.onnx.data", "tokenizer.json"} <= set(m["files"])

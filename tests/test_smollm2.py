@@ -55,7 +55,7 @@ def test_graph_is_fused(smollm2):
     # apart for onnxruntime (targets/onnx/pipeline.py says why)
     assert ops["MatMul"] == 5 * layers + 1
     assert manifest["graph"]["nodes"] <= 400
-    assert manifest["io"]["kv_mode"] == "shared" and manifest["io"]["logits"] == "last"
+    assert manifest["io"]["kv_mode"] == "shared" and manifest["io"]["logits"] == "selected"
     reports = {p["name"]: p for p in manifest["passes"]}
     assert reports["fuse_qkv"]["counts"]["fused"] == layers
     assert reports["replace_attention"]["counts"]["attention"] == layers

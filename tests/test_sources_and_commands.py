@@ -48,7 +48,7 @@ def test_resolve_kinds(tmp_path):
 def test_scoring_graph_returns_logits_for_every_position(tiny_model):
     model, _ = tiny_model("llama")
     spec = ModelSpec.from_config(model.config)
-    program = trace(model, spec, all_logits=True).program
+    program = trace(model, spec).program  # no logits_index input: every position
     ids, pos, mask, *past = example_inputs(spec, batch=1, seq=5, past=0)
     logits = program.module()(ids, pos, mask, *past)[0]
     with torch.no_grad():

@@ -80,7 +80,17 @@ def emit(graph: Graph, out_dir: Path) -> EmitResult:
     # Weights always go to one external file: no 2 GB protobuf limit, and the graph stays small.
     program.save(str(path), external_data=True)
     model = onnx.load(str(path), load_external_data=False)
-    if _drop_unused_optional_outputs(model):
+    if any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in model.graph.node):
+        from llmc.targets.onnx import layouts
+
+        model = onnx.load(str(path))  # quantized weights are small: rewrite them in memory
+        layouts.apply(model)
+        for p in Path(out_dir).glob(MODEL_FILE + "*"):
+            p.unlink()
+        _drop_unused_optional_outputs(model)
+        onnx.save(model, str(path), save_as_external_data=True, location=MODEL_FILE + ".data")
+        model = onnx.load(str(path), load_external_data=False)
+    elif _drop_unused_optional_outputs(model):
         onnx.save(model, str(path))  # the graph only: initializers still point to model.onnx.data
     onnx.checker.check_model(str(path), full_check=False)
     histogram = Counter(

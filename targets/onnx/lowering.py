@@ -10,6 +10,9 @@ from __future__ import annotations
 import functools
 
 MS_DOMAIN = "com.microsoft"
+# MatMulNBits' activation precision: 4 quantizes each row of A to int8 per block and runs integer
+# dot products (the fast decode path on CPU; 0 dequantizes B to fp32 instead).
+ACCURACY_LEVEL = 4
 
 
 def _schema(name, domain, inputs, outputs, attributes, floats=True):
@@ -22,6 +25,11 @@ def _schema(name, domain, inputs, outputs, attributes, floats=True):
         constraints.append(("M", ["tensor(int32)"], "int32 tensors"))
     if any(p[2] == "I" for p in inputs):
         constraints.append(("I", ["tensor(int64)"], "int64 tensors"))
+    if any(p[2] == "Q" for p in inputs):
+        constraints.append(("Q", ["tensor(uint8)"], "packed quantized codes"))
+    if any(p[2] == "Z" for p in inputs):
+        # float while exporting; emit rewrites integer zero points to the uint8 kernels take
+        constraints.append(("Z", ["tensor(uint8)", "tensor(float)"], "zero points"))
 
     def param(name, type_str, optional):
         option = (
@@ -114,6 +122,32 @@ def register_schemas() -> None:
             ("rotary_interleaved", INT),
         ],
     )
+    _schema(
+        "MatMulNBits",
+        MS_DOMAIN,
+        [
+            ("A", False, "T"),
+            ("B", False, "Q"),
+            ("scales", False, "T"),
+            ("zero_points", True, "Z"),
+            ("g_idx", True, "M"),
+            ("bias", True, "T"),
+        ],
+        [("Y", False, "T")],
+        [("K", INT), ("N", INT), ("bits", INT), ("block_size", INT), ("accuracy_level", INT)],
+    )
+    _schema(
+        "GatherBlockQuantized",
+        MS_DOMAIN,
+        [
+            ("data", False, "Q"),
+            ("indices", False, "I"),
+            ("scales", False, "T"),
+            ("zero_points", True, "Z"),
+        ],
+        [("output", False, "T")],
+        [("gather_axis", INT), ("quantize_axis", INT), ("block_size", INT), ("bits", INT)],
+    )
 
 
 def translation_table(shared_kv: bool) -> dict:
@@ -171,7 +205,30 @@ def translation_table(shared_kv: bool) -> dict:
             rotary_interleaved=0,
         )
 
+    def linear_nbits(x, qweight, scales, zeros, bits: int, group: int, bias):
+        n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
+        return ms.MatMulNBits(
+            x,
+            qweight,
+            scales,
+            zeros,
+            None,
+            bias,
+            K=k,
+            N=n,
+            bits=bits,
+            block_size=group,
+            accuracy_level=ACCURACY_LEVEL,
+        )
+
+    def embedding_nbits(ids, qweight, scales, zeros, bits: int, group: int):
+        return ms.GatherBlockQuantized(
+            qweight, ids, scales, zeros, gather_axis=0, quantize_axis=1, block_size=group, bits=bits
+        )
+
     table = {
+        torch.ops.llmc.linear_nbits.default: linear_nbits,
+        torch.ops.llmc.embedding_nbits.default: embedding_nbits,
         torch.ops.llmc.rms_norm.default: rms_norm,
         torch.ops.llmc.skip_rms_norm.default: skip_rms_norm,
         torch.ops.llmc.rotary.default: rotary,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 
-def pipeline() -> list:
+def pipeline(quant=None) -> list:
+    """The passes, in order; `quant` (a QuantConfig) adds weight quantization."""
     from llmc.passes.eliminate_dead_code import EliminateDeadCode
     from llmc.passes.fold_layout import FoldLayout
     from llmc.passes.fuse_projections import FuseQkv
@@ -13,10 +14,12 @@ def pipeline() -> list:
     from llmc.passes.fuse_skip_rms_norm import FuseSkipRmsNorm
     from llmc.passes.pack_qkv import PackQkv
     from llmc.passes.prune_lm_head import PruneLmHead
+    from llmc.passes.quantize_weights import QuantizeWeights
     from llmc.passes.remove_assertions import RemoveAssertions
     from llmc.passes.remove_noop_casts import RemoveNoopCasts
     from llmc.passes.replace_attention import ReplaceAttention
     from llmc.passes.rewire_kv_cache import RewireKvCache
+    from llmc.passes.split_zero_points import SplitZeroPoints
 
     return [
         # Phase 0, at trace time: one llmc::attention per layer, shared KV buffers.
@@ -38,5 +41,7 @@ def pipeline() -> list:
         PruneLmHead(),
         FuseRotaryAttention(),
         PackQkv(),
+        # Phase 4: weight-only quantization, on the fused projections (a QKV matmul is one layer).
+        *([QuantizeWeights(quant), SplitZeroPoints()] if quant else []),
         EliminateDeadCode(),
     ]

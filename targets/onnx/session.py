@@ -27,7 +27,9 @@ CAPACITY_STEP = 256  # buffer positions are reserved in multiples of this
 PREFILL_CHUNK = 256  # long prompts run in chunks: less attention work, bounded scratch memory
 
 
-def _open(directory, manifest: dict, threads: int | None):
+def _open(directory, manifest: dict, threads: int | None, accuracy_level: int | None = None):
+    """An onnxruntime session; `accuracy_level` overrides every MatMulNBits' (0: dequantize the
+    weights and multiply in fp32, exactly what the llmc op computes)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -36,19 +38,42 @@ def _open(directory, manifest: dict, threads: int | None):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     path = Path(directory) / manifest["target"]["files"]["model"]
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if accuracy_level is None:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        for a in node.attribute:
+            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                a.i = accuracy_level
+    folder = "session.model_external_initializers_file_folder_path"
+    opts.add_session_config_entry(folder, str(path.parent))
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def Session(directory: str | os.PathLike, manifest: dict, threads: int | None = None):
-    """The session class for the artifact's KV mode."""
+def Session(
+    directory: str | os.PathLike,
+    manifest: dict,
+    threads: int | None = None,
+    exact: bool = False,
+):
+    """The session class for the artifact's KV mode. `exact`: quantized matmuls dequantize their
+    weights and multiply in fp32 on every step (verification: the numbers of the llmc graph);
+    otherwise decode steps quantize activations to int8 (onnxruntime's fast kernels) and only
+    prompts run exactly (faster for many rows, and their logits are the exact ones)."""
     mode = manifest["io"].get("kv_mode", "concat")
     cls = SharedKVSession if mode == "shared" else ConcatKVSession
-    return cls(directory, manifest, threads)
+    return cls(directory, manifest, threads, exact)
 
 
 class _Base:
-    def __init__(self, directory, manifest: dict, threads: int | None = None):
-        self._sess = _open(directory, manifest, threads)
+    def __init__(self, directory, manifest: dict, threads: int | None = None, exact=False):
+        quantized = bool(manifest.get("quantization"))
+        self._sess = _open(directory, manifest, threads, 0 if exact and quantized else None)
+        self._prefill_sess = self._sess
+        if quantized and not exact:
+            self._prefill_sess = _open(directory, manifest, threads, accuracy_level=0)
         model, io = manifest["model"], manifest["io"]
         self.max_context = int(io["max_context"])
         self.vocab_size = int(model["vocab_size"])
@@ -57,13 +82,14 @@ class _Base:
         self._kv_heads, self._head_dim = int(model["num_kv_heads"]), int(model["head_dim"])
         self._kv_dtype = np.dtype(io["kv_dtype"])
         self._inputs = {i.name for i in self._sess.get_inputs()}
+        self._last_only = io.get("logits") == "last"  # artifacts from before logits_index
 
 
 class ConcatKVSession(_Base):
     """Concat-mode KV cache: the runtime keeps past tensors and feeds them back each step."""
 
-    def __init__(self, directory, manifest: dict, threads: int | None = None):
-        super().__init__(directory, manifest, threads)
+    def __init__(self, directory, manifest: dict, threads: int | None = None, exact=False):
+        super().__init__(directory, manifest, threads, exact)
         self._positions = PositionTracker(self.max_context)
         self._past: list[np.ndarray] | None = None
 
@@ -78,7 +104,9 @@ class ConcatKVSession(_Base):
     def decode(self, ids: np.ndarray) -> np.ndarray:
         return self._step(ids, None)
 
-    def _step(self, ids: np.ndarray, new_mask: np.ndarray | None) -> np.ndarray:
+    def _step(
+        self, ids: np.ndarray, new_mask: np.ndarray | None, all_positions: bool = False
+    ) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)  # [B, S]
         batch = ids.shape[0]
         if new_mask is None:
@@ -87,22 +115,34 @@ class ConcatKVSession(_Base):
         if self._past is None:
             shape = (batch, self._kv_heads, 0, self._head_dim)
             self._past = [np.zeros(shape, self._kv_dtype)] * len(self._past_names)
-        feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
+        index = np.arange(ids.shape[1]) if all_positions else np.array([ids.shape[1] - 1])
+        feeds = {
+            "input_ids": ids,
+            "position_ids": positions,
+            "attention_mask": mask,
+            "logits_index": index,
+        }
         feeds = {k: v for k, v in feeds.items() if k in self._inputs}
         feeds.update(zip(self._past_names, self._past, strict=True))
-        logits, *present = self._sess.run(None, feeds)
+        sess = self._prefill_sess if ids.shape[1] > 1 else self._sess
+        logits, *present = sess.run(None, feeds)
         self._past = present  # [B, KVH, T, D] each
-        return logits[:, -1, :]  # [B, V]
+        return logits if all_positions else logits[:, -1, :]  # [B, S, V] or [B, V]
+
+    def score(self, ids: np.ndarray) -> np.ndarray:
+        """Logits at every position of one sequence `ids` [S] on a fresh cache -> [S, V]."""
+        self.reset()
+        return self._step(np.asarray(ids)[None], None, all_positions=True)[0]
 
 
 class SharedKVSession(_Base):
     """Shared-buffer KV cache written in place by the model (see the module docstring)."""
 
-    def __init__(self, directory, manifest: dict, threads: int | None = None):
-        super().__init__(directory, manifest, threads)
+    def __init__(self, directory, manifest: dict, threads: int | None = None, exact=False):
+        super().__init__(directory, manifest, threads, exact)
         self._buffers: list[np.ndarray] = []
         self._lengths: np.ndarray | None = None  # tokens in the cache, per row
-        self._decode = None  # (binding, ids, positions, seqlens, logits) reused by decode steps
+        self._decode = None  # (binding, ids, positions, seqlens, index, logits) of decode steps
 
     @property
     def capacity(self) -> int:
@@ -125,11 +165,21 @@ class SharedKVSession(_Base):
         for b, row in enumerate(rows):
             for start in range(0, len(row), PREFILL_CHUNK):
                 chunk = row[None, start : start + PREFILL_CHUNK]
-                binding, out = self._bind(chunk, np.array([start]), slice(b, b + 1))
-                self._sess.run_with_iobinding(binding)
+                out = self._run(chunk, start, slice(b, b + 1), all_positions=False)
             logits[b] = out[0, -1]
         self._lengths = np.array([len(r) for r in rows], np.int64)
         return logits
+
+    def score(self, ids: np.ndarray) -> np.ndarray:
+        """Logits at every position of one sequence `ids` [S] on a fresh cache -> [S, V]."""
+        self.reset()
+        row = np.asarray(ids, dtype=np.int64)
+        self._check(len(row))
+        self._reserve(1, len(row))
+        chunks = range(0, len(row), PREFILL_CHUNK)
+        out = [self._run(row[None, i : i + PREFILL_CHUNK], i, slice(0, 1), True) for i in chunks]
+        self._lengths = np.array([len(row)], np.int64)
+        return np.concatenate([o[0] for o in out])
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         if self._lengths is None:
@@ -139,7 +189,7 @@ class SharedKVSession(_Base):
         self._check(needed)
         if self._reserve(len(ids), needed) or self._decode is None:
             self._decode = self._bind_decode(len(ids))
-        binding, in_ids, positions, seqlens, logits = self._decode
+        binding, in_ids, positions, seqlens, _, logits = self._decode
         in_ids[:] = ids
         positions[:, 0] = self._lengths
         seqlens[:] = self._lengths  # the row's length after this step, minus one
@@ -181,29 +231,40 @@ class SharedKVSession(_Base):
         if name in self._inputs:
             binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
 
-    def _bind(self, ids: np.ndarray, starts: np.ndarray, rows: slice):
-        """A binding for one step of `ids` [n, S] after `starts` [n] cached tokens."""
+    def _run(self, ids: np.ndarray, start: int, rows: slice, all_positions: bool) -> np.ndarray:
+        """One step of `ids` [1, S] after `start` cached tokens -> logits [1, S or 1, V]."""
         s = ids.shape[1]
-        positions = starts[:, None] + np.arange(s, dtype=np.int64)
-        seqlens = (starts + s - 1).astype(np.int32)
-        binding, *_, logits = self._binding(np.ascontiguousarray(ids), positions, seqlens, rows)
-        return binding, logits
+        positions = start + np.arange(s, dtype=np.int64)[None]
+        seqlens = np.array([start + s - 1], np.int32)
+        index = np.arange(s) if all_positions else np.array([s - 1])
+        ids = np.ascontiguousarray(ids)
+        sess = self._prefill_sess
+        binding, *_, logits = self._binding(ids, positions, seqlens, index, rows, sess)
+        sess.run_with_iobinding(binding)
+        return logits
 
     def _bind_decode(self, batch: int):
         """The decode binding: its inputs are arrays the caller fills in place each step."""
         ids, positions = np.zeros((batch, 1), np.int64), np.zeros((batch, 1), np.int64)
-        return self._binding(ids, positions, np.zeros(batch, np.int32), slice(0, batch))
+        index = np.zeros(1, np.int64)
+        seqlens = np.zeros(batch, np.int32)
+        return self._binding(ids, positions, seqlens, index, slice(0, batch), self._sess)
 
-    def _binding(self, ids, positions, seqlens, rows: slice):
+    def _binding(self, ids, positions, seqlens, index, rows: slice, sess):
         """Bind inputs, the rows' KV buffers (as past and present) and a logits array."""
-        logits = np.empty((ids.shape[0], 1, self.vocab_size), np.float32)
-        binding = self._sess.io_binding()
+        if "logits_index" in self._inputs:
+            kept = len(index)
+        else:
+            kept = 1 if self._last_only else ids.shape[1]
+        logits = np.empty((ids.shape[0], kept, self.vocab_size), np.float32)
+        binding = sess.io_binding()
         self._bind_input(binding, "input_ids", ids)
         self._bind_input(binding, "position_ids", positions)
         self._bind_input(binding, "seqlens_k", seqlens)
+        self._bind_input(binding, "logits_index", index)
         self._bind_arrays(binding, rows)
         binding.bind_output(
             "logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data
         )
-        binding._keep = (ids, positions, seqlens)  # the bound memory must outlive the run
-        return binding, ids, positions, seqlens, logits
+        binding._keep = (ids, positions, seqlens, index)  # bound memory must outlive the run
+        return binding, ids, positions, seqlens, index, logits

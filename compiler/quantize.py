@@ -1,0 +1,199 @@
+"""Weight quantization algorithms on plain tensors (target-neutral; the quantize_weights pass
+applies them to a graph's linear and embedding weights).
+
+A quantized weight W [N, K] is stored as unsigned codes q in [0, 2^bits), one scale and one zero
+point per group of `group` consecutive input channels of a row: W ≈ (q - zero) * scale. Zero points
+are integers (onnxruntime's fast kernels take them as uint8), except where a group's weights
+already lie exactly on an asymmetric grid of 2^bits levels (a GGUF Q4_1 source, for instance):
+there the zero keeps its exact fractional value -min/scale, so the weights are reproduced without
+re-quantization error. A symmetric grid has the fixed zero 2^(bits-1) and codes in [1, 2^bits)
+(int8: ±127, int4: ±7).
+
+- `rtn`: round to nearest on a min/max (asymmetric) or absmax (symmetric) grid.
+- `gptq`: GPTQ (Frantar et al., 2022): quantize input channels one at a time and spread each
+  one's rounding error over the channels not yet quantized, weighted by the inverse Hessian
+  H = 2 XᵀX of the layer's calibration inputs X.
+- `awq_scales`: AWQ (Lin et al., 2023): per-input-channel scales s = mean|x|^α, α searched on a
+  grid, that minimize the output error of the quantized (W·s) applied to (x/s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Quantized:
+    """Codes [N, K] (uint8), scales and zeros [N, K/group] (float32), and the grid."""
+
+    codes: Tensor
+    scales: Tensor
+    zeros: Tensor
+    bits: int
+    group: int
+    sym: bool
+
+    def dequantize(self) -> Tensor:
+        return dequantize(self.codes, self.scales, self.zeros, self.group)
+
+
+def dequantize(codes: Tensor, scales: Tensor, zeros: Tensor, group: int) -> Tensor:
+    n, k = codes.shape
+    q = codes.to(torch.float32).view(n, k // group, group)
+    return ((q - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).view(n, k)
+
+
+def grid(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Scale and integer zero of each row of `w` [..., g] (last dim: one group)."""
+    w = w.to(torch.float32)
+    if sym:
+        top = 2 ** (bits - 1) - 1
+        scale = w.abs().amax(-1) / top
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        top = 2**bits - 1
+        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)  # keep 0 exactly on the grid
+        scale = (hi - lo) / top
+        zero = torch.round(-lo / torch.where(scale > 0, scale, 1)).clamp(0, top)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group
+    return scale, zero
+
+
+def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Codes of `w` [..., g] on the grid (scale, zero) [...]."""
+    q = torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+    return q.clamp(0, 2**bits - 1)
+
+
+def rtn(w: Tensor, bits: int, group: int, sym: bool, keep_grids: bool = True) -> Quantized:
+    """Round-to-nearest, group-wise. `keep_grids`: groups already on an asymmetric grid of
+    2^bits levels keep it exactly (a fractional zero point)."""
+    n, k = w.shape
+    wg = w.detach().to(torch.float32).view(n, k // group, group)
+    scale, zero = grid(wg, bits, sym)
+    codes = quantize_codes(wg, scale, zero, bits)
+    if keep_grids and not sym:
+        exact_scale, exact_zero, exact_codes, on_grid = exact_grid(wg, bits)
+        scale = torch.where(on_grid, exact_scale, scale)
+        zero = torch.where(on_grid, exact_zero, zero)
+        codes = torch.where(on_grid.unsqueeze(-1), exact_codes, codes)
+    return Quantized(codes.view(n, k).to(torch.uint8), scale, zero, bits, group, sym)
+
+
+def exact_grid(wg: Tensor, bits: int, tol: float = 1e-3):
+    """The min/max grid of each group [..., g] with its fractional zero, and whether every
+    weight of the group is on it (within `tol` of a step)."""
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = (hi - lo) / (2**bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((wg - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 2**bits - 1)
+    zero = -lo / scale
+    back = (codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    on_grid = ((back - wg).abs() <= tol * scale.unsqueeze(-1)).all(-1)
+    return scale, zero, codes, on_grid
+
+
+def gptq(
+    w: Tensor,
+    hessian: Tensor,
+    bits: int,
+    group: int,
+    sym: bool,
+    damp: float = 0.01,
+    block: int = 128,
+) -> Quantized:
+    """GPTQ with group-wise grids (each group's grid is set from the error-updated weights when
+    the group's first channel is reached), lazy block updates and dampening `damp`·mean(diag H)."""
+    n, k = w.shape
+    block = max(group, block // group * group)  # whole groups per block
+    w = w.detach().to(torch.float64).clone()
+    h = hessian.detach().to(torch.float64).clone()
+    dead = torch.diag(h) == 0  # channels no calibration token used
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += torch.eye(k, dtype=h.dtype) * damp * torch.mean(torch.diag(h))
+    # upper Cholesky factor of H^-1: row i holds the update weights for channels after i
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros(n, k, dtype=torch.float64)
+    scales = torch.zeros(n, k // group, dtype=torch.float64)
+    zeros = torch.zeros(n, k // group, dtype=torch.float64)
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        wb = w[:, start:end].clone()
+        errors = torch.zeros_like(wb)
+        hb = hinv[start:end, start:end]
+        for i in range(end - start):
+            col = start + i
+            if col % group == 0:  # the group's grid, from its error-updated weights
+                scales[:, col // group], zeros[:, col // group] = grid(
+                    wb[:, i : i + group], bits, sym
+                )
+            s, z = scales[:, col // group], zeros[:, col // group]
+            q = torch.clamp(torch.round(wb[:, i] / s) + z, 0, 2**bits - 1)
+            codes[:, col] = q
+            err = (wb[:, i] - (q - z) * s) / hb[i, i]
+            wb[:, i:] -= err.unsqueeze(1) * hb[i, i:].unsqueeze(0)
+            errors[:, i] = err
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    return Quantized(
+        codes.to(torch.uint8), scales.to(torch.float32), zeros.to(torch.float32), bits, group, sym
+    )
+
+
+def output_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
+    """Relative output error ‖X(W-Ŵ)ᵀ‖² / ‖XWᵀ‖² on the calibration inputs behind H = 2XᵀX."""
+    d = (w - w_hat).to(torch.float64)
+    w64, h = w.to(torch.float64), hessian.to(torch.float64)
+    num = torch.einsum("nk,kl,nl->", d, h, d)
+    den = torch.einsum("nk,kl,nl->", w64, h, w64)
+    return float(num / den) if den > 0 else 0.0
+
+
+def awq_scales(
+    weights: list[Tensor],
+    x: Tensor,
+    bits: int,
+    group: int,
+    sym: bool,
+    grid_points: int = 20,
+) -> tuple[Tensor, float]:
+    """The per-input-channel scale s [K] shared by `weights` (each [N_i, K], all reading the
+    activations x [T, K]) that minimizes Σ‖x Wᵀ − (x/s) Q(W·s)ᵀ‖², searching s = mean|x|^α for α
+    in [0, 1); α = 0 (no scaling, plain RTN) is a candidate, so the result is never worse on x.
+    Returns (s, best α)."""
+    x = x.to(torch.float32)
+    mean_abs = x.abs().mean(0).clamp(min=1e-8)
+    reference = [x @ w.T for w in weights]
+    best, best_alpha, best_scale = float("inf"), 0.0, torch.ones_like(mean_abs)
+    for step in range(grid_points):
+        alpha = step / grid_points
+        s = mean_abs.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()  # keep the scales centred around 1
+        loss = 0.0
+        for w, ref in zip(weights, reference, strict=True):
+            w_hat = rtn(w * s, bits, group, sym).dequantize() / s
+            loss += float(((x @ w_hat.T) - ref).pow(2).mean())
+        if loss < best:
+            best, best_alpha, best_scale = loss, alpha, s
+    return best_scale, best_alpha
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Codes [N, K] -> bytes [N, K*bits/8]; 4-bit: two per byte, the even channel in the low
+    nibble (onnxruntime's and OpenVINO's u4 order)."""
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    if bits == 4:
+        c = codes.to(torch.uint8)
+        return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+    raise ValueError(f"{bits}-bit codes are not supported")
+
+
+def unpack(packed: Tensor, bits: int) -> Tensor:
+    if bits == 8:
+        return packed
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)

@@ -1,0 +1,87 @@
+"""`llmc eval` and `llmc build --eval`: perplexity of an artifact on a text file, and the quality
+gate that compares it with the fp32 PyTorch model on the same windows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from llmc.artifact import sha256_file
+from llmc.errors import LlmcError
+
+DEFAULT_WINDOW = 512
+DEFAULT_MAX_TOKENS = 8192  # of the text; 0 scores all of it
+
+
+def text_tokens(path: Path, encode: Callable[[str], list[int]], max_tokens: int) -> np.ndarray:
+    """The file's tokens (the first `max_tokens`; 0: all), with a clear error for a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlmcError(f"{path} is not a file; pass a UTF-8 text file to score.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise LlmcError(f"{path} is not UTF-8 text; pass a plain text file.") from exc
+    ids = np.asarray(encode(text), dtype=np.int64)
+    if max_tokens:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise LlmcError(f"{path} has fewer than two tokens; pass a longer text.")
+    return ids
+
+
+def window_sizes(max_context: int, window: int | None, stride: int | None) -> tuple[int, int]:
+    window = min(window or DEFAULT_WINDOW, max_context)
+    stride = stride or max(1, window // 2)
+    if window < 2 or not 0 < stride <= window:
+        raise LlmcError(
+            f"--window {window} / --stride {stride}: need a window of at least 2 and "
+            "0 < stride <= window."
+        )
+    return window, stride
+
+
+def evaluate_session(
+    session,
+    encode: Callable[[str], list[int]],
+    path: Path,
+    window: int | None = None,
+    stride: int | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Perplexity of `path` under a session (any target): the manifest's `evaluation` entry."""
+    from llmc.runtime.perplexity import perplexity
+
+    ids = text_tokens(path, encode, max_tokens)
+    window, stride = window_sizes(session.max_context, window, stride)
+    result = perplexity(session.score, ids, window, stride, progress)
+    session.reset()
+    return {"file": Path(path).name, "sha256": sha256_file(Path(path)), **result.to_dict()}
+
+
+def evaluate_artifact(directory: Path, path: Path, threads: int | None = None, **kwargs) -> dict:
+    import llmc.runtime as rt
+
+    gen = rt.load(directory, threads=threads)
+    encode = gen.tokenizer.encode
+    return evaluate_session(gen.session, encode, path, **kwargs)
+
+
+class TorchScorer:
+    """`score(ids) -> logits [S, V]` of the PyTorch model (the fp32 reference of the gate)."""
+
+    def __init__(self, model, max_context: int):
+        self.model, self.max_context = model, max_context
+
+    def score(self, ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            out = self.model(input_ids=torch.as_tensor(ids)[None], use_cache=False)
+        return out.logits[0].float().numpy()
+
+    def reset(self) -> None:
+        pass

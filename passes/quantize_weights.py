@@ -1,0 +1,283 @@
+"""Weight-only quantization of every linear and embedding weight (RTN, GPTQ or AWQ).
+
+Before: y = aten.linear(x, W, b)                      e = aten.embedding(E, ids)
+After:  y = llmc.linear_nbits(x, q, scales, zeros, bits, group, b)
+        e = llmc.embedding_nbits(ids, q, scales, zeros, bits, group)
+
+Policy (the report lists every exception):
+- 4-bit methods quantize the linears to 4 bits, except the lm_head and any layer whose relative
+  error is above `int8_threshold` (on the calibration activations when there are some, else on
+  the weights): those get 8 bits.
+- Embedding tables always get 8 bits (a tied lm_head shares the table, not the codes: each op
+  keeps the layout its kernel reads).
+- A layer whose input size is not a multiple of the group size stays fp32, with a note.
+- AWQ folds its per-channel scales into the op in front of the scaled linears (a norm's weight,
+  or the up projection in front of down); linears without such a producer are quantized by RTN.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from llmc.compiler import ops as _ops  # noqa: F401  (registers the llmc ops)
+from llmc.compiler import quantize as Q
+from llmc.compiler.graph import Graph, module_path
+from llmc.compiler.pass_manager import PassReport
+from llmc.passes._util import aten, erase_unused, evaluate, is_call
+
+METHODS = {"int8": 8, "int4": 4, "gptq": 4, "awq": 4}
+_NORMS = (torch.ops.llmc.rms_norm.default, torch.ops.llmc.skip_rms_norm.default)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str  # "int8" | "int4" | "gptq" | "awq"
+    group: int = 32  # input channels per scale; 0: one group per row
+    sym: bool | None = None  # None: symmetric for int8, asymmetric for 4-bit methods
+    int8_threshold: float = 0.15  # 4-bit layers whose relative error exceeds this get 8 bits
+    awq_tokens: int = 1024  # calibration tokens the AWQ search scores each candidate on
+
+    @property
+    def bits(self) -> int:
+        return METHODS[self.method]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.sym if self.sym is not None else self.bits == 8
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method in ("gptq", "awq")
+
+    def recipe(self) -> dict:
+        return {
+            "method": self.method,
+            "bits": self.bits,
+            "group_size": self.group,
+            "symmetric": self.symmetric,
+            "int8_threshold": self.int8_threshold,
+        }
+
+
+class QuantizeWeights:
+    name = "quantize_weights"
+    lossy = True  # the pass manager records its difference instead of refusing it
+
+    def __init__(self, config: QuantConfig):
+        self.config = config
+        self.calibration: list[torch.Tensor] = []  # token id rows [S], set by the build
+
+    def run(self, graph: Graph) -> PassReport:
+        from llmc.passes.prune_lm_head import lm_head
+
+        cfg = self.config
+        if cfg.calibrated and not self.calibration:
+            raise ValueError(f"{cfg.method} needs calibration sequences")
+        linears = [
+            n
+            for n in graph.fx.nodes
+            if is_call(n, aten.linear.default) and _stored_matrix(graph, n.args[1]) is not None
+        ]
+        head, _ = lm_head(graph)
+        notes: list[str] = []
+        stats = _Statistics(graph, linears, self.calibration, cfg) if cfg.calibrated else None
+        if cfg.method == "awq":
+            notes += _apply_awq(graph, linears, stats, cfg)
+        counts = {"quantized": 0, "int4": 0, "int8": 0, "fp32": 0, "embeddings": 0}
+        for node in linears:
+            w = _stored_matrix(graph, node.args[1])
+            k = w.shape[1]
+            group = cfg.group or k
+            if k % group:
+                notes.append(f"{_name(node)}: input size {k} is not a multiple of {group}; fp32")
+                counts["fp32"] += 1
+                continue
+            h = stats.hessian(node) if stats else None
+            bits = 8 if node is head else cfg.bits
+            quant, error = _quantize(w, h, bits, group, cfg, gptq=cfg.method == "gptq")
+            if bits == 4 and error > cfg.int8_threshold:
+                notes.append(
+                    f"{_name(node)}: 4-bit error {error:.3f} > {cfg.int8_threshold}; 8 bits"
+                )
+                quant, error = _quantize(w, h, 8, group, cfg, gptq=cfg.method == "gptq")
+            elif node is head and cfg.bits == 4:
+                notes.append(f"{_name(node)}: the lm_head keeps 8 bits")
+            _replace_linear(graph, node, quant)
+            counts["quantized"] += 1
+            counts[f"int{quant.bits}"] += 1
+        for node in [n for n in graph.fx.nodes if is_call(n, aten.embedding.default)]:
+            table = _stored_matrix(graph, node.args[0])
+            if table is None:
+                continue
+            group = cfg.group or table.shape[1]
+            if table.shape[1] % group:
+                notes.append(f"{_name(node)}: width {table.shape[1]} not a multiple of {group}")
+                continue
+            _replace_embedding(graph, node, Q.rtn(table, 8, group, sym=True))
+            counts["embeddings"] += 1
+        graph.quantization = cfg.recipe()
+        report = PassReport(self.name, modified=True, counts=counts, notes=notes)
+        return report
+
+
+# -- quantizing one weight ------------------------------------------------------------------------
+
+
+def _quantize(w, h, bits, group, cfg: QuantConfig, gptq: bool) -> tuple[Q.Quantized, float]:
+    """(quantized weight, relative error: on the calibration outputs if `h`, else the weight)."""
+    sym = cfg.symmetric if bits == cfg.bits else True  # 8-bit fallbacks are symmetric
+    quant = Q.gptq(w, h, bits, group, sym) if gptq and h is not None else Q.rtn(w, bits, group, sym)
+    w_hat = quant.dequantize()
+    if h is not None:
+        error = Q.output_error(w, w_hat, h) ** 0.5
+    else:
+        error = float((w - w_hat).norm() / w.norm().clamp(min=1e-12))
+    return quant, error
+
+
+def _constants(graph: Graph, node, quant: Q.Quantized, kind: str):
+    base = (_name(node) or node.name) + f".{kind}"
+    qweight = graph.add_constant(base + ".qweight", Q.pack(quant.codes, quant.bits))
+    scales = graph.add_constant(base + ".scales", quant.scales.contiguous())
+    zeros = None if quant.sym else graph.add_constant(base + ".zeros", quant.zeros.contiguous())
+    return qweight, scales, zeros
+
+
+def _replace_linear(graph: Graph, node, quant: Q.Quantized) -> None:
+    qweight, scales, zeros = _constants(graph, node, quant, f"int{quant.bits}")
+    bias = node.args[2] if len(node.args) > 2 else None
+    with graph.fx.inserting_before(node):
+        args = (node.args[0], qweight, scales, zeros, quant.bits, quant.group, bias)
+        new = graph.call(torch.ops.llmc.linear_nbits.default, args, like=node)
+    node.replace_all_uses_with(new)
+    erase_unused(graph, [node])
+
+
+def _replace_embedding(graph: Graph, node, quant: Q.Quantized) -> None:
+    qweight, scales, zeros = _constants(graph, node, quant, "int8")
+    with graph.fx.inserting_before(node):
+        args = (node.args[1], qweight, scales, zeros, quant.bits, quant.group)
+        new = graph.call(torch.ops.llmc.embedding_nbits.default, args, like=node)
+    node.replace_all_uses_with(new)
+    erase_unused(graph, [node])
+
+
+def _stored_matrix(graph: Graph, node) -> torch.Tensor | None:
+    value = graph.tensor(node) if isinstance(node, torch.fx.Node) else None
+    if value is None or value.dim() != 2 or not value.is_floating_point():
+        return None
+    return value.detach().to(torch.float32)
+
+
+def _name(node) -> str:
+    path = module_path(node)
+    return path[-1][0] if path else node.name
+
+
+# -- calibration ----------------------------------------------------------------------------------
+
+
+class _Statistics:
+    """The calibration inputs of every linear: H = 2XᵀX / n per distinct input node, and a
+    sample of X's rows (for AWQ), from running the graph on the calibration sequences."""
+
+    def __init__(self, graph: Graph, linears, sequences, cfg: QuantConfig):
+        from llmc.compiler.trace import prefill_inputs
+
+        inputs = list(dict.fromkeys(n.args[0] for n in linears))
+        self._h = {x: None for x in inputs}
+        self._samples: dict = {x: [] for x in inputs}
+        self._count = 0
+        per_sequence = max(1, cfg.awq_tokens // max(1, len(sequences)))
+        g = torch.Generator().manual_seed(0)
+        names = graph.input_names
+        for ids in sequences:
+            values = prefill_inputs(graph.spec, ids, graph.kv_mode, "logits_index" in names)
+            feeds = {graph.user_input(n): v for n, v in zip(names, values, strict=True)}
+            outs = evaluate(graph, inputs, feeds)
+            for x, value in zip(inputs, outs, strict=True):
+                rows = value.reshape(-1, value.shape[-1]).to(torch.float64)
+                h = 2 * rows.T @ rows
+                self._h[x] = h if self._h[x] is None else self._h[x] + h
+                pick = torch.randperm(len(rows), generator=g)[:per_sequence]
+                self._samples[x].append(rows[pick].to(torch.float32))
+            self._count += len(ids)
+
+    def hessian(self, node) -> torch.Tensor:
+        return self._h[node.args[0]] / self._count
+
+    def sample(self, node) -> torch.Tensor:
+        return torch.cat(self._samples[node.args[0]])
+
+
+# -- AWQ ------------------------------------------------------------------------------------------
+
+
+def _apply_awq(graph: Graph, linears, stats: _Statistics, cfg: QuantConfig) -> list[str]:
+    """Search and fold per-channel scales for every group of linears sharing a foldable input.
+    Scales the stored weights in place of new constants; returns notes."""
+    notes = []
+    by_input: dict = {}
+    for node in linears:
+        by_input.setdefault(node.args[0], []).append(node)
+    scaled = 0
+    for x, group in by_input.items():
+        fold = _folder(graph, x)
+        if fold is None:
+            continue
+        weights = [_stored_matrix(graph, n.args[1]) for n in group]
+        if cfg.group and weights[0].shape[1] % cfg.group:
+            continue
+        s, alpha = Q.awq_scales(
+            weights, stats.sample(group[0]), 4, cfg.group or weights[0].shape[1], cfg.symmetric
+        )
+        if alpha == 0:
+            continue
+        fold(1 / s)
+        for node, w in zip(group, weights, strict=True):
+            node.update_arg(1, graph.add_constant(_name(node) + ".awq_weight", w * s))
+        # the statistics are of x, now x/s: rescale them to describe what the linears now read
+        h = stats._h[x]
+        stats._h[x] = h / s.to(h.dtype)[:, None] / s.to(h.dtype)[None, :]
+        stats._samples[x] = [r / s for r in stats._samples[x]]
+        scaled += len(group)
+    notes.append(f"awq: {scaled} of {len(linears)} linears scaled")
+    return notes
+
+
+def _folder(graph: Graph, x):
+    """A function that multiplies the producer of `x` by per-channel factors, or None."""
+    producer = x.args[0] if is_call(x, operator.getitem) else x
+    if is_call(producer, *_NORMS) and (x is producer or x.args[1] == 0):
+        index = 1 if producer.target is torch.ops.llmc.rms_norm.default else 2
+        weight = graph.tensor(producer.args[index])
+        if weight is None:
+            return None
+
+        def fold_norm(factor):
+            new = graph.add_constant(_name(producer) + ".awq_norm", weight * factor)
+            producer.update_arg(index, new)
+
+        return fold_norm
+    if is_call(producer, aten.mul.Tensor) and x is producer:
+        for arg in producer.args:  # silu(gate) * up: scale up's output channels
+            up = arg.args[0] if is_call(arg, operator.getitem) else arg
+            if is_call(up, aten.linear.default) and arg is up and len(up.users) == 1:
+                weight, bias = graph.tensor(up.args[1]), None
+                if len(up.args) > 2 and up.args[2] is not None:
+                    bias = graph.tensor(up.args[2])
+                if weight is None:
+                    return None
+
+                def fold_up(factor, up=up, weight=weight, bias=bias):
+                    up.update_arg(
+                        1, graph.add_constant(_name(up) + ".awq", weight * factor[:, None])
+                    )
+                    if bias is not None:
+                        up.update_arg(2, graph.add_constant(_name(up) + ".awq_b", bias * factor))
+
+                return fold_up
+    return None

@@ -1,0 +1,99 @@
+"""onnxruntime's storage layouts for quantized weights, applied to an emitted model.
+
+llmc ops keep one layout for every target: codes [N, K*bits/8] (4-bit: the even channel in the
+low nibble), float scales and integer-valued float zero points [N, K/group]. onnxruntime's
+MatMulNBits wants codes as [N, K/block, block*bits/8], flat scales, and uint8 zero points (4-bit:
+two per byte, in block order); GatherBlockQuantized wants uint8 zero points. A one-group-per-row
+grid becomes blocks of the largest power of two (16..256) that divides K, the row's scale and zero
+repeated: the same numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _block(k: int, group: int) -> int:
+    if group & (group - 1) == 0 and 16 <= group <= 256:
+        return group
+    for b in (256, 128, 64, 32, 16):
+        if group % b == 0:
+            return b
+    raise ValueError(f"no onnxruntime block size (16..256, a power of two) divides {group}")
+
+
+def _uint8_zeros(zeros: np.ndarray) -> np.ndarray:
+    if not np.array_equal(zeros, np.round(zeros)) or zeros.min() < 0 or zeros.max() > 255:
+        raise ValueError("zero points must be integers in 0..255 for onnxruntime's kernels")
+    return zeros.astype(np.uint8)
+
+
+def _pack_nibbles(z: np.ndarray) -> np.ndarray:
+    """[N, nb] values < 16 -> [N, ceil(nb/2)] bytes, the even block in the low nibble."""
+    if z.shape[1] % 2:
+        z = np.concatenate([z, np.zeros((z.shape[0], 1), z.dtype)], 1)
+    return (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+
+
+def _unshare(model, inits: dict) -> None:
+    """Give every quantized node its own copy of an initializer another node also reads (the
+    exporter merges equal tensors: a tied embedding's and lm_head's codes and scales), since the
+    two kernels store it differently."""
+    users: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    for i, node in enumerate(model.graph.node):
+        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
+        for j, name in enumerate(node.input):
+            if name in inits and users[name] > 1:
+                copy = model.graph.initializer.add()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}__{node.op_type}_{i}"
+                inits[copy.name] = copy
+                node.input[j] = copy.name
+                users[name] -= 1
+
+
+def apply(model) -> int:
+    """Rewrite the quantized weights of `model` (an onnx ModelProto with its initializers
+    loaded) in place; return how many nodes were adapted."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    _unshare(model, inits)
+
+    def get(name):
+        return numpy_helper.to_array(inits[name]) if name else None
+
+    rewritten = set()
+
+    def put(name, array):
+        if name in rewritten:
+            raise ValueError(f"initializer {name} is shared by two quantized nodes")
+        rewritten.add(name)
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+    done = 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "MatMulNBits":
+            names = list(node.input) + [""] * (6 - len(node.input))
+            codes, scales, zeros = get(names[1]), get(names[2]), get(names[3])
+            bits, k, group = attrs["bits"], attrs["K"], attrs["block_size"]
+            block = _block(k, group)
+            repeat = group // block
+            n = codes.shape[0]
+            put(names[1], codes.reshape(n, k // block, block * bits // 8))
+            put(names[2], np.repeat(scales, repeat, axis=1).reshape(-1))
+            if zeros is not None:
+                z = _uint8_zeros(np.repeat(zeros, repeat, axis=1))
+                put(names[3], (_pack_nibbles(z) if bits == 4 else z).reshape(-1))
+            for a in node.attribute:
+                if a.name == "block_size":
+                    a.i = block
+            done += 1
+        elif node.op_type == "GatherBlockQuantized" and len(node.input) > 3 and node.input[3]:
+            put(node.input[3], _uint8_zeros(get(node.input[3])))
+            done += 1
+    return done

@@ -1,0 +1,340 @@
+"""Quantization: the algorithms against straightforward references on small matrices, the llmc
+ops, the quantize_weights / split_zero_points passes, the MatMulNBits lowering (exact kernels
+against the quantized graph), the recipe in the manifest, and the flags' errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from llmc.artifact import read_manifest
+from llmc.cli import cli
+from llmc.compiler import ops as _ops  # noqa: F401  (registers the llmc ops)
+from llmc.compiler import quantize as Q
+
+llmc_ops = torch.ops.llmc
+DATA = "../shared/data/tinyshakespeare-dev.txt"
+
+
+# -- references: plain loops, one group at a time ----------------------------------------------
+
+
+def rtn_reference(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Tensor:
+    """Dequantized round-to-nearest, written out group by group."""
+    out = torch.empty_like(w)
+    for r in range(w.shape[0]):
+        for c in range(0, w.shape[1], group):
+            g = w[r, c : c + group]
+            if sym:
+                scale = g.abs().max() / (2 ** (bits - 1) - 1)
+                q = torch.clamp(torch.round(g / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+                out[r, c : c + group] = q * scale
+            else:
+                lo, hi = min(g.min(), 0.0), max(g.max(), 0.0)
+                scale = (hi - lo) / (2**bits - 1)
+                zero = torch.round(-lo / scale)
+                q = torch.clamp(torch.round(g / scale) + zero, 0, 2**bits - 1)
+                out[r, c : c + group] = (q - zero) * scale
+    return out
+
+
+def gptq_reference(w, h, bits, group, sym, damp=0.01):
+    """GPTQ without Cholesky or blocks: after quantizing column i, update the remaining columns
+    with the row of the inverse Hessian, then remove column i from it (Schur complement)."""
+    w = w.clone().double()
+    h = h.clone().double()
+    k = w.shape[1]
+    h += torch.eye(k, dtype=h.dtype) * damp * h.diag().mean()
+    hinv = torch.linalg.inv(h)
+    out = torch.zeros_like(w)
+    scale = zero = None
+    for i in range(k):
+        if i % group == 0:
+            scale, zero = Q.grid(w[:, i : i + group], bits, sym)
+        q = torch.clamp(torch.round(w[:, i] / scale) + zero, 0, 2**bits - 1)
+        out[:, i] = (q - zero) * scale
+        err = (w[:, i] - out[:, i]) / hinv[i, i]
+        w[:, i + 1 :] -= err[:, None] * hinv[i, i + 1 :][None, :]
+        hinv = hinv - hinv[:, i : i + 1] @ hinv[i : i + 1, :] / hinv[i, i]
+    return out.float()
+
+
+def correlated_inputs(k: int, n: int = 2048, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5
+    x = torch.randn(n, k, generator=g) @ mix + 0.1 * torch.randn(n, k, generator=g)
+    return x * torch.linspace(0.2, 3.0, k)  # some channels matter more
+
+
+@pytest.mark.parametrize(("bits", "sym"), [(4, False), (4, True), (8, True), (8, False)])
+def test_rtn_matches_the_loop_reference(bits, sym):
+    w = torch.randn(6, 128, generator=torch.Generator().manual_seed(bits))
+    q = Q.rtn(w, bits, 32, sym, keep_grids=False)
+    assert torch.allclose(q.dequantize(), rtn_reference(w, bits, 32, sym), atol=1e-6)
+    assert int(q.codes.max()) < 2**bits and q.scales.shape == (6, 4)
+    assert torch.equal(Q.unpack(Q.pack(q.codes, bits), bits), q.codes)
+    per_row = Q.rtn(w, bits, 128, sym, keep_grids=False)  # one group per row
+    assert torch.allclose(per_row.dequantize(), rtn_reference(w, bits, 128, sym), atol=1e-6)
+
+
+def test_rtn_keeps_an_exact_grid_with_fractional_zeros():
+    g = torch.Generator().manual_seed(1)
+    steps = torch.rand(8, 4, 1, generator=g) * 0.1 + 0.01
+    mins = -torch.rand(8, 4, 1, generator=g) * 0.5
+    codes = torch.randint(0, 16, (8, 4, 32), generator=g)
+    codes[..., 0], codes[..., 1] = 0, 15  # every group spans its grid, as GGUF's Q4_1 does
+    w = (codes * steps + mins).view(8, 128)
+    q = Q.rtn(w, 4, 32, sym=False)
+    assert not torch.equal(q.zeros, q.zeros.round())  # fractional zeros were kept
+    assert (q.dequantize() - w).abs().max() <= 1e-6
+    plain = Q.rtn(w, 4, 32, sym=False, keep_grids=False)  # integer zeros shift every group
+    assert (plain.dequantize() - w).abs().max() > 1e-3
+    noise = torch.randn(8, 128, generator=g)  # weights not on a grid keep integer zeros
+    assert torch.equal(Q.rtn(noise, 4, 32, False).zeros, Q.rtn(noise, 4, 32, False).zeros.round())
+
+
+@pytest.mark.parametrize(("bits", "sym"), [(4, False), (4, True), (8, True)])
+def test_gptq_matches_the_reference_and_beats_rtn(bits, sym):
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(2))
+    x = correlated_inputs(128)
+    h = 2 * x.T @ x / len(x)
+    ours = Q.gptq(w, h, bits, 32, sym, block=64).dequantize()
+    assert torch.allclose(ours, gptq_reference(w, h, bits, 32, sym), atol=1e-4)
+    rtn = Q.rtn(w, bits, 32, sym).dequantize()
+    assert Q.output_error(w, ours, h) < 0.9 * Q.output_error(w, rtn, h)
+
+
+def test_awq_search_never_worse_than_rtn_and_helps_with_salient_channels():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 128, generator=g)
+    x = torch.randn(1024, 128, generator=g)
+    x[:, :4] *= 30  # a few salient input channels, as in real activations
+    scale, alpha = Q.awq_scales([w], x, 4, 32, sym=False)
+    assert alpha > 0 and scale.shape == (128,)
+    awq = Q.rtn(w * scale, 4, 32, False).dequantize() / scale
+    rtn = Q.rtn(w, 4, 32, False).dequantize()
+
+    def loss(w_hat):
+        return float((x @ w_hat.T - x @ w.T).pow(2).mean())
+
+    assert loss(awq) < 0.8 * loss(rtn)
+    # an exact grid is already lossless: the search keeps alpha 0 (plain RTN)
+    grid_w = Q.rtn(w, 4, 32, False).dequantize()
+    assert Q.awq_scales([grid_w], x, 4, 32, sym=False)[1] == 0.0
+
+
+def test_llmc_ops_compute_the_dequantized_product():
+    g = torch.Generator().manual_seed(4)
+    w, x, bias = (
+        torch.randn(12, 64, generator=g),
+        torch.randn(2, 3, 64, generator=g),
+        torch.randn(12),
+    )
+    for bits, sym in ((4, False), (8, True)):
+        q = Q.rtn(w, bits, 32, sym)
+        zeros = None if sym else q.zeros
+        y = llmc_ops.linear_nbits(x, Q.pack(q.codes, bits), q.scales, zeros, bits, 32, bias)
+        assert torch.allclose(y, torch.nn.functional.linear(x, q.dequantize(), bias), atol=1e-5)
+        ids = torch.tensor([[0, 5, 11]])
+        rows = llmc_ops.embedding_nbits(ids, Q.pack(q.codes, bits), q.scales, zeros, bits, 32)
+        assert torch.equal(rows, q.dequantize()[ids])
+
+
+# -- the passes on tiny graphs ---------------------------------------------------------------------
+
+
+def quantized_graph(tiny_model, arch, config, model=None):
+    from llmc.compiler.graph import Graph
+    from llmc.compiler.pass_manager import run_pipeline, trace_options
+    from llmc.compiler.spec import ModelSpec
+    from llmc.compiler.trace import trace
+    from llmc.targets.onnx.pipeline import pipeline
+
+    model = model if model is not None else tiny_model(arch)[0]
+    spec = ModelSpec.from_config(model.config)
+    passes = pipeline(quant=config)
+    if config.calibrated:
+        ids = torch.randint(0, spec.vocab_size, (4, 48), generator=torch.Generator().manual_seed(0))
+        passes[-3].calibration = list(ids)
+    options = trace_options(passes, model)
+    graph = Graph.from_trace(trace(model, spec, options=options), spec, options)
+    return graph, {r.name: r for r in run_pipeline(graph, passes)}
+
+
+def test_quantize_weights_policy_counts_and_notes(tiny_model):
+    from llmc.passes.quantize_weights import QuantConfig
+
+    graph, reports = quantized_graph(tiny_model, "llama", QuantConfig("int4"))
+    r = reports["quantize_weights"]
+    # 2 layers x (qkv, o, gate, up, down) at 4 bits, the lm_head at 8, the embedding at 8
+    assert r.counts == {"quantized": 11, "int4": 10, "int8": 1, "fp32": 0, "embeddings": 1}
+    assert any("lm_head keeps 8 bits" in n for n in r.notes)
+    assert graph.count(torch.ops.aten.linear.default) == 0
+    assert graph.count(llmc_ops.linear_nbits.default) == 11
+    assert graph.count(llmc_ops.embedding_nbits.default) == 1
+    assert r.max_abs_diff is not None and r.max_abs_diff > 0  # lossy, recorded
+    assert graph.quantization["bits"] == 4 and graph.quantization["symmetric"] is False
+
+    strict = QuantConfig("int4", int8_threshold=0.0)  # every layer is "too lossy": all 8-bit
+    _, reports = quantized_graph(tiny_model, "llama", strict)
+    assert reports["quantize_weights"].counts["int8"] == 11
+    assert sum("; 8 bits" in n for n in reports["quantize_weights"].notes) == 10
+
+    wide = QuantConfig("int4", group=256)  # does not divide the tiny models' 64/128 inputs
+    _, reports = quantized_graph(tiny_model, "llama", wide)
+    r = reports["quantize_weights"]
+    assert r.counts["fp32"] == 11 and r.counts["quantized"] == 0
+    assert "not a multiple of 256; fp32" in r.notes[0]
+
+
+def test_split_zero_points_is_exact_on_a_gridded_model(tiny_model):
+    from llmc.passes.quantize_weights import QuantConfig
+
+    model = gridded_tiny_llama()
+    graph, reports = quantized_graph(tiny_model, "llama", QuantConfig("int4"), model=model)
+    assert reports["split_zero_points"].counts == {"split": 10}  # the lm_head is 8-bit sym
+    assert reports["split_zero_points"].max_abs_diff <= 1e-5
+    assert reports["quantize_weights"].max_abs_diff <= 1e-5  # the grid was kept: no loss
+    for node in graph.fx.nodes:
+        if node.target == llmc_ops.linear_nbits.default and node.args[3] is not None:
+            zeros = graph.tensor(node.args[3])
+            assert torch.equal(zeros, zeros.round())
+
+
+def test_split_zero_points_leaves_integer_zeros_alone(tiny_model):
+    from llmc.passes.quantize_weights import QuantConfig
+
+    _, reports = quantized_graph(tiny_model, "llama", QuantConfig("int4"))
+    assert reports["split_zero_points"].counts == {"split": 0}
+    assert not reports["split_zero_points"].modified
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_methods_run_on_the_graph(method, tiny_model):
+    from llmc.passes.quantize_weights import QuantConfig
+
+    graph, reports = quantized_graph(tiny_model, "llama", QuantConfig(method))
+    r = reports["quantize_weights"]
+    assert r.counts["quantized"] == 11
+    if method == "awq":
+        assert any(n.startswith("awq:") for n in r.notes)
+
+
+def gridded_tiny_llama():
+    """tiny:llama snapped to the grids of a GGUF Q4_1 file: projections on Q4_1's (16 levels
+    from each group's minimum), the embedding and lm_head on Q8_0's (symmetric, ±127)."""
+    from llmc.compiler import tiny
+
+    model = tiny.build_model("llama")
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear | torch.nn.Embedding):
+                n, k = mod.weight.shape
+                g = mod.weight.view(n, k // 32, 32)
+                if isinstance(mod, torch.nn.Embedding) or "lm_head" in name:
+                    step = (g.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-6)
+                    mod.weight.copy_((torch.round(g / step) * step).view(n, k))
+                    continue
+                lo = g.amin(-1, keepdim=True)
+                step = ((g.amax(-1, keepdim=True) - lo) / 15).clamp(min=1e-6)
+                mod.weight.copy_((torch.round((g - lo) / step) * step + lo).view(n, k))
+    return model
+
+
+# -- artifacts -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("quant", "extra"),
+    [
+        ("int4", ()),
+        ("int8", ()),
+        ("int4", ("--sym", "--group-size", "0")),
+        ("gptq", ()),
+        ("awq", ()),
+    ],
+)
+def test_quantized_artifact_is_exact_against_its_graph(quant, extra, tmp_path):
+    out = tmp_path / "a"
+    args = ["build", "tiny:llama", "-o", str(out), "--quant", quant, *extra]
+    args += ["--calib", DATA, "--calib-samples", "4", "--calib-seqlen", "64"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    m = read_manifest(out)
+    ver = m["verification"]
+    assert ver["passed"] and ver["reference"] == "pytorch-llmc-graph" and ver["max_abs_diff"] < 1e-4
+    assert "fast_kernels" in ver
+    q = m["quantization"]
+    assert q["method"] == quant and q["bits"] == (8 if quant == "int8" else 4)
+    if quant in ("gptq", "awq"):
+        assert q["calibration"]["samples"] == 4 and len(q["calibration"]["sha256"]) == 64
+    else:
+        assert q["calibration"] is None
+    ops = m["graph"]["op_histogram"]
+    assert ops["com.microsoft::MatMulNBits"] == 11 and "MatMul" not in ops
+    assert ops["com.microsoft::GatherBlockQuantized"] == 1
+
+
+def test_gridded_model_builds_without_quantization_loss(tmp_path, tiny_model):
+    from llmc.compiler import tiny
+
+    src = tmp_path / "gridded"
+    gridded_tiny_llama().save_pretrained(src)
+    tiny.build_tokenizer().save_pretrained(src)
+    out = tmp_path / "a"
+    args = ["build", str(src), "-o", str(out), "--quant", "int4", "--eval", DATA]
+    result = CliRunner().invoke(cli, [*args, "--eval-tokens", "300"])
+    assert result.exit_code == 0, result.output
+    m = read_manifest(out)
+    assert abs(m["evaluation"]["increase"]) < 1e-4  # int4 reproduces the grid: no loss
+    split = next(p for p in m["passes"] if p["name"] == "split_zero_points")
+    assert split["counts"]["split"] == 10
+
+
+def test_quality_gate_refuses_and_writes_nothing(tmp_path):
+    out = tmp_path / "a"
+    args = ["build", "tiny:llama", "-o", str(out), "--quant", "int4", "--eval", DATA]
+    result = CliRunner().invoke(cli, [*args, "--eval-tokens", "300", "--max-ppl-increase", "0.01%"])
+    assert result.exit_code == 3, result.output
+    assert "quality gate failed" in result.output and "--max-ppl-increase" in result.output
+    assert not out.exists() and not list(tmp_path.glob(".a*"))
+    result = CliRunner().invoke(cli, [*args, "--eval-tokens", "300", "--max-ppl-increase", "50%"])
+    assert result.exit_code == 0, result.output
+    evaluation = read_manifest(out)["evaluation"]
+    assert evaluation["max_increase"] == 0.5 and evaluation["increase"] > 0
+    assert evaluation["reference"]["engine"] == "pytorch-fp32"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--quant", "int4", "--group-size", "48"], "power of two"),
+        (["--sym"], "only apply with --quant"),
+        (["--max-ppl-increase", "5%"], "needs --eval"),
+        (["--quant", "gptq", "--calib", "/nonexistent.txt"], "is not a file"),
+        (["--eval", "/nonexistent.txt"], "is not a file"),
+        (["--quant", "int4", "--eval", DATA, "--max-ppl-increase", "abc"], "percentage"),
+    ],
+)
+def test_bad_quantization_flags_exit_2_with_one_sentence(args, message, tmp_path):
+    out = tmp_path / "a"
+    result = CliRunner().invoke(cli, ["build", "tiny:llama", "-o", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and not out.exists()
+
+
+def test_eval_command_matches_the_build_record(tmp_path, tiny_artifact):
+    path = tiny_artifact("llama")
+    args = ["eval", str(path), "--perplexity", DATA, "--max-tokens", "300", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    first = json.loads(result.output)
+    assert first["tokens"] == 299 and first["windows"] >= 1 and first["perplexity"] > 1
+    again = CliRunner().invoke(cli, [*args[:-1], "--window", "64", "--stride", "32", "--json"])
+    second = json.loads(again.output)
+    assert second["windows"] > first["windows"]  # shorter context: a different number
+    missing = CliRunner().invoke(cli, ["eval", str(path), "--perplexity", "/none.txt"])
+    assert missing.exit_code == 2 and "is not a file" in missing.output
