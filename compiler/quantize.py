@@ -46,8 +46,13 @@ def dequantize(codes: Tensor, scales: Tensor, zeros: Tensor, group: int) -> Tens
     return ((q - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).view(n, k)
 
 
-def grid(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
-    """Scale and integer zero of each row of `w` [..., g] (last dim: one group)."""
+def grid(w: Tensor, bits: int, sym: bool, keep_grids: bool = False) -> tuple[Tensor, Tensor]:
+    """Scale and zero of each row of `w` [..., g] (last dim: one group): an integer zero, or
+    with `keep_grids` the exact fractional one of a group already on an asymmetric grid."""
+    if keep_grids and not sym:
+        scale, zero = grid(w, bits, sym)
+        exact_scale, exact_zero, _, on_grid = exact_grid(w.to(torch.float32), bits)
+        return torch.where(on_grid, exact_scale, scale), torch.where(on_grid, exact_zero, zero)
     w = w.to(torch.float32)
     if sym:
         top = 2 ** (bits - 1) - 1
@@ -64,7 +69,7 @@ def grid(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
 
 def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     """Codes of `w` [..., g] on the grid (scale, zero) [...]."""
-    q = torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+    q = torch.round(w / scale.unsqueeze(-1) + zero.unsqueeze(-1))  # zero may be fractional
     return q.clamp(0, 2**bits - 1)
 
 
@@ -73,13 +78,8 @@ def rtn(w: Tensor, bits: int, group: int, sym: bool, keep_grids: bool = True) ->
     2^bits levels keep it exactly (a fractional zero point)."""
     n, k = w.shape
     wg = w.detach().to(torch.float32).view(n, k // group, group)
-    scale, zero = grid(wg, bits, sym)
+    scale, zero = grid(wg, bits, sym, keep_grids)
     codes = quantize_codes(wg, scale, zero, bits)
-    if keep_grids and not sym:
-        exact_scale, exact_zero, exact_codes, on_grid = exact_grid(wg, bits)
-        scale = torch.where(on_grid, exact_scale, scale)
-        zero = torch.where(on_grid, exact_zero, zero)
-        codes = torch.where(on_grid.unsqueeze(-1), exact_codes, codes)
     return Quantized(codes.view(n, k).to(torch.uint8), scale, zero, bits, group, sym)
 
 
@@ -104,9 +104,12 @@ def gptq(
     sym: bool,
     damp: float = 0.01,
     block: int = 128,
+    keep_grids: bool = True,
 ) -> Quantized:
     """GPTQ with group-wise grids (each group's grid is set from the error-updated weights when
-    the group's first channel is reached), lazy block updates and dampening `damp`·mean(diag H)."""
+    the group's first channel is reached, keeping an exact grid as `rtn` does, so weights already
+    on one are reproduced with no error to spread), lazy block updates and dampening
+    `damp`·mean(diag H)."""
     n, k = w.shape
     block = max(group, block // group * group)  # whole groups per block
     w = w.detach().to(torch.float64).clone()
@@ -128,11 +131,10 @@ def gptq(
         for i in range(end - start):
             col = start + i
             if col % group == 0:  # the group's grid, from its error-updated weights
-                scales[:, col // group], zeros[:, col // group] = grid(
-                    wb[:, i : i + group], bits, sym
-                )
+                s, z = grid(wb[:, i : i + group], bits, sym, keep_grids)
+                scales[:, col // group], zeros[:, col // group] = s, z
             s, z = scales[:, col // group], zeros[:, col // group]
-            q = torch.clamp(torch.round(wb[:, i] / s) + z, 0, 2**bits - 1)
+            q = torch.clamp(torch.round(wb[:, i] / s + z), 0, 2**bits - 1)
             codes[:, col] = q
             err = (wb[:, i] - (q - z) * s) / hb[i, i]
             wb[:, i:] -= err.unsqueeze(1) * hb[i, i:].unsqueeze(0)

@@ -90,6 +90,9 @@ def test_rtn_keeps_an_exact_grid_with_fractional_zeros():
     q = Q.rtn(w, 4, 32, sym=False)
     assert not torch.equal(q.zeros, q.zeros.round())  # fractional zeros were kept
     assert (q.dequantize() - w).abs().max() <= 1e-6
+    x = correlated_inputs(128, n=256)
+    kept = Q.gptq(w, 2 * x.T @ x / 256, 4, 32, sym=False)  # no error to spread: the same grid
+    assert (kept.dequantize() - w).abs().max() <= 1e-6
     plain = Q.rtn(w, 4, 32, sym=False, keep_grids=False)  # integer zeros shift every group
     assert (plain.dequantize() - w).abs().max() > 1e-3
     noise = torch.randn(8, 128, generator=g)  # weights not on a grid keep integer zeros

@@ -1,0 +1,69 @@
+"""SmolLM2-135M quantized end to end (issue 4's acceptance): int8 and int4 artifacts built with
+the CLI and `--eval`, their perplexity against fp32, and int8's greedy tokens against fp32."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+import llmc.runtime as rt
+from llmc.cli import cli
+
+pytestmark = pytest.mark.slow
+DATA = "../shared/data/tinyshakespeare-dev.txt"
+PROMPT = "Write a long story about a lighthouse keeper."  # the benchmark prompt
+
+
+def build(tmp_path_factory, quant: str):
+    out = tmp_path_factory.mktemp(f"smollm2-{quant}") / "artifact"
+    args = ["build", "--out", str(out), "--quant", quant, "--eval", DATA, "--eval-tokens", "1024"]
+    result = CliRunner().invoke(cli, [*args, "--max-ppl-increase", "5%"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory):
+    return build(tmp_path_factory, "int8")
+
+
+@pytest.fixture(scope="module")
+def int4(tmp_path_factory):
+    return build(tmp_path_factory, "int4")
+
+
+def test_int8_perplexity_within_1_percent_and_same_32_greedy_tokens(int8):
+    gen = rt.load(int8)
+    m = gen.manifest
+    assert m["evaluation"]["increase"] <= 0.01 and m["evaluation"]["tokens"] == 1023
+    assert m["verification"]["passed"] and m["quantization"]["bits"] == 8
+    ids = gen.encode(PROMPT, chat=True)
+    ours = [int(t[0]) for t in gen.generate_ids([ids], rt.GenerationConfig(32, ignore_eos=True))]
+    from llmc.compiler import sources
+
+    reference = sources.load(sources.resolve(None)).model
+    import torch
+
+    with torch.no_grad():
+        out = reference.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=32,
+            min_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+        )
+    assert ours == out[0, len(ids) :].tolist()
+
+
+def test_int4_keeps_the_q4_1_grid(int4):
+    m = rt.load(int4).manifest
+    assert m["evaluation"]["increase"] <= 0.05
+    assert abs(m["evaluation"]["increase"]) < 1e-3  # the GGUF's own grid: nothing lost
+    split = next(p for p in m["passes"] if p["name"] == "split_zero_points")
+    assert split["counts"]["split"] == 150  # every projection; the lm_head is 8-bit
+    ops = m["graph"]["op_histogram"]
+    assert ops["com.microsoft::MatMulNBits"] == 151
+    gen = rt.load(int4)
+    answer = gen.generate("What is the capital of France?", chat=True, max_new_tokens=24)
+    assert "Paris" in answer
