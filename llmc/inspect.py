@@ -42,6 +42,33 @@ def render(manifest: dict, directory: Path) -> None:
             f"{ver['greedy_agreement']}/{ver['steps_compared']} vs {ver['reference']}"
         )
 
+    quant = manifest.get("quantization")
+    if quant:
+        calib = quant.get("calibration")
+        where = (
+            f", calibrated on {calib['samples']}×{calib['seqlen']} tokens of {calib['file']}"
+            if calib
+            else ""
+        )
+        grid = "symmetric" if quant["symmetric"] else "asymmetric"
+        console.print(
+            f"quant    {quant['method']}: {quant['bits']}-bit {grid}, group "
+            f"{quant['group_size'] or 'per row'}{where}"
+        )
+    fast = ver.get("fast_kernels")
+    if fast:
+        console.print(
+            f"         fast decode kernels: max |Δlogits| {fast['max_abs_diff']:.2e}, greedy "
+            f"{fast['greedy_agreement']}/{fast['steps_compared']}"
+        )
+    evaluation = manifest.get("evaluation")
+    if evaluation:
+        console.print(
+            f"ppl      {evaluation['perplexity']:.3f} on {evaluation['tokens']} tokens of "
+            f"{evaluation['file']} (fp32 PyTorch {evaluation['reference']['perplexity']:.3f}, "
+            f"{evaluation['increase']:+.2%})"
+        )
+
     files = Table(
         "file", "MB", "sha256", title=f"files ({size / 1e6:.1f} MB)", title_justify="left"
     )

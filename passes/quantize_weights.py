@@ -76,19 +76,15 @@ class QuantizeWeights:
         cfg = self.config
         if cfg.calibrated and not self.calibration:
             raise ValueError(f"{cfg.method} needs calibration sequences")
-        linears = [
-            n
-            for n in graph.fx.nodes
-            if is_call(n, aten.linear.default) and _stored_matrix(graph, n.args[1]) is not None
-        ]
+        linears = [n for n in graph.fx.nodes if _weight(graph, n) is not None]
         head, _ = lm_head(graph)
         notes: list[str] = []
         stats = _Statistics(graph, linears, self.calibration, cfg) if cfg.calibrated else None
         if cfg.method == "awq":
-            notes += _apply_awq(graph, linears, stats, cfg)
+            notes += _apply_awq(graph, linears, stats, cfg, head)
         counts = {"quantized": 0, "int4": 0, "int8": 0, "fp32": 0, "embeddings": 0}
         for node in linears:
-            w = _stored_matrix(graph, node.args[1])
+            w = _weight(graph, node)
             k = w.shape[1]
             group = cfg.group or k
             if k % group:
@@ -148,9 +144,9 @@ def _constants(graph: Graph, node, quant: Q.Quantized, kind: str):
 
 def _replace_linear(graph: Graph, node, quant: Q.Quantized) -> None:
     qweight, scales, zeros = _constants(graph, node, quant, f"int{quant.bits}")
-    bias = node.args[2] if len(node.args) > 2 else None
+    bias = _bias(node)
     with graph.fx.inserting_before(node):
-        args = (node.args[0], qweight, scales, zeros, quant.bits, quant.group, bias)
+        args = (_input(node), qweight, scales, zeros, quant.bits, quant.group, bias)
         new = graph.call(torch.ops.llmc.linear_nbits.default, args, like=node)
     node.replace_all_uses_with(new)
     erase_unused(graph, [node])
@@ -163,6 +159,26 @@ def _replace_embedding(graph: Graph, node, quant: Q.Quantized) -> None:
         new = graph.call(torch.ops.llmc.embedding_nbits.default, args, like=node)
     node.replace_all_uses_with(new)
     erase_unused(graph, [node])
+
+
+def _weight(graph: Graph, node) -> torch.Tensor | None:
+    """The stored [out, in] weight of a linear (or of a Conv1D's addmm, stored [in, out])."""
+    if is_call(node, aten.linear.default):
+        return _stored_matrix(graph, node.args[1])
+    if is_call(node, aten.addmm.default) and not node.kwargs:
+        w = _stored_matrix(graph, node.args[2])
+        return w.T.contiguous() if w is not None else None
+    return None
+
+
+def _input(node):
+    return node.args[1] if node.target is aten.addmm.default else node.args[0]
+
+
+def _bias(node):
+    if node.target is aten.addmm.default:
+        return node.args[0]
+    return node.args[2] if len(node.args) > 2 else None
 
 
 def _stored_matrix(graph: Graph, node) -> torch.Tensor | None:
@@ -187,7 +203,7 @@ class _Statistics:
     def __init__(self, graph: Graph, linears, sequences, cfg: QuantConfig):
         from llmc.compiler.trace import prefill_inputs
 
-        inputs = list(dict.fromkeys(n.args[0] for n in linears))
+        inputs = list(dict.fromkeys(_input(n) for n in linears))
         self._h = {x: None for x in inputs}
         self._samples: dict = {x: [] for x in inputs}
         self._count = 0
@@ -207,33 +223,36 @@ class _Statistics:
             self._count += len(ids)
 
     def hessian(self, node) -> torch.Tensor:
-        return self._h[node.args[0]] / self._count
+        return self._h[_input(node)] / self._count
 
     def sample(self, node) -> torch.Tensor:
-        return torch.cat(self._samples[node.args[0]])
+        return torch.cat(self._samples[_input(node)])
 
 
 # -- AWQ ------------------------------------------------------------------------------------------
 
 
-def _apply_awq(graph: Graph, linears, stats: _Statistics, cfg: QuantConfig) -> list[str]:
+def _apply_awq(graph: Graph, linears, stats: _Statistics, cfg: QuantConfig, head) -> list[str]:
     """Search and fold per-channel scales for every group of linears sharing a foldable input.
     Scales the stored weights in place of new constants; returns notes."""
     notes = []
     by_input: dict = {}
     for node in linears:
-        by_input.setdefault(node.args[0], []).append(node)
+        by_input.setdefault(_input(node), []).append(node)
     scaled = 0
     for x, group in by_input.items():
         fold = _folder(graph, x)
         if fold is None:
             continue
-        weights = [_stored_matrix(graph, n.args[1]) for n in group]
+        if any(n.target is not aten.linear.default for n in group):
+            continue  # Conv1D weights are stored transposed: left to RTN
+        weights = [_weight(graph, n) for n in group]
         if cfg.group and weights[0].shape[1] % cfg.group:
             continue
-        s, alpha = Q.awq_scales(
-            weights, stats.sample(group[0]), 4, cfg.group or weights[0].shape[1], cfg.symmetric
-        )
+        # search on the grid the layers will get: the lm_head keeps 8 symmetric bits
+        bits, sym = (8, True) if head in group else (cfg.bits, cfg.symmetric)
+        k = weights[0].shape[1]
+        s, alpha = Q.awq_scales(weights, stats.sample(group[0]), bits, cfg.group or k, sym)
         if alpha == 0:
             continue
         fold(1 / s)

@@ -279,6 +279,8 @@ def test_quantized_artifact_is_exact_against_its_graph(quant, extra, tmp_path):
     ops = m["graph"]["op_histogram"]
     assert ops["com.microsoft::MatMulNBits"] == 11 and "MatMul" not in ops
     assert ops["com.microsoft::GatherBlockQuantized"] == 1
+    shown = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert f"quant    {quant}: " in shown.output and "fast decode kernels" in shown.output
 
 
 def test_gridded_model_builds_without_quantization_loss(tmp_path, tiny_model):
@@ -341,3 +343,14 @@ def test_eval_command_matches_the_build_record(tmp_path, tiny_artifact):
     assert second["windows"] > first["windows"]  # shorter context: a different number
     missing = CliRunner().invoke(cli, ["eval", str(path), "--perplexity", "/none.txt"])
     assert missing.exit_code == 2 and "is not a file" in missing.output
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "phi3", "gemma", "gpt2"])
+def test_every_architecture_quantizes_every_projection(arch, tiny_artifact):
+    m = read_manifest(tiny_artifact(arch, quant="int4"))
+    assert m["verification"]["passed"] and m["verification"]["max_abs_diff"] < 1e-4
+    counts = next(p for p in m["passes"] if p["name"] == "quantize_weights")["counts"]
+    assert counts["fp32"] == 0 and counts["int8"] == 1  # the lm_head
+    ops = m["graph"]["op_histogram"]
+    assert ops["com.microsoft::MatMulNBits"] == counts["quantized"]
+    assert not {"MatMul", "Gemm"} & set(ops)  # no fp32 projection left (gpt2: Conv1D too)
