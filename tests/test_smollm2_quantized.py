@@ -48,20 +48,10 @@ def test_int8_perplexity_within_1_percent_and_same_32_greedy_tokens(int8):
     gen.session = Session(int8, m, exact=True)
     ours = [int(t[0]) for t in gen.generate_ids([ids], config)]
     from llmc.compiler import sources
+    from tests.test_tiny_end_to_end import hf_greedy
 
     reference = sources.load(sources.resolve(None)).model
-    import torch
-
-    with torch.no_grad():
-        out = reference.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=32,
-            min_new_tokens=32,
-            do_sample=False,
-            eos_token_id=None,
-        )
-    assert ours == out[0, len(ids) :].tolist()
+    assert ours == hf_greedy(reference, ids, 32)
     assert fast[:4] == ours[:4]
 
 
