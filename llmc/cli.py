@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from llmc.config import BuildConfig
 from llmc.errors import LlmcError, QualityGateError, VerificationError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_VERIFY, EXIT_INTERRUPT = 0, 1, 2, 3, 130
@@ -138,7 +139,7 @@ class _RichProgress:
 )
 @click.option(
     "--group-size",
-    default=32,
+    default=BuildConfig.group_size,
     show_default=True,
     type=click.IntRange(min=0),
     help="Input channels per quantization scale (a power of two >= 16); 0: one per output row.",
@@ -155,14 +156,14 @@ class _RichProgress:
 )
 @click.option(
     "--calib-samples",
-    default=32,
+    default=BuildConfig.calib_samples,
     show_default=True,
     type=click.IntRange(min=1),
     help="Calibration sequences.",
 )
 @click.option(
     "--calib-seqlen",
-    default=256,
+    default=BuildConfig.calib_seqlen,
     show_default=True,
     type=click.IntRange(min=8),
     help="Tokens per calibration sequence.",
@@ -175,7 +176,7 @@ class _RichProgress:
 )
 @click.option(
     "--eval-tokens",
-    default=8192,
+    default=BuildConfig.eval_tokens,
     show_default=True,
     type=click.IntRange(min=0),
     help="Tokens of the --eval text to score (0: all).",
@@ -185,24 +186,7 @@ class _RichProgress:
     metavar="PCT",
     help="Refuse (exit 3) an artifact whose perplexity exceeds fp32's by more, e.g. 5%.",
 )
-def build(
-    model,
-    target,
-    out,
-    verify,
-    passes,
-    tolerance,
-    max_context,
-    quant,
-    group_size,
-    sym,
-    calib,
-    calib_samples,
-    calib_seqlen,
-    eval_file,
-    eval_tokens,
-    max_ppl_increase,
-):
+def build(max_ppl_increase, **flags):
     """Build MODEL into a verified artifact.
 
     MODEL is a Hugging Face model directory, a .gguf file, a hub id, or tiny:ARCH (llama, qwen2,
@@ -210,26 +194,9 @@ def build(
     Exit codes: 0 ok, 2 bad input, 3 verification or quality gate failed, 1 internal error.
     """
     from llmc.build import build as run_build
-    from llmc.config import BuildConfig
 
-    config = BuildConfig(
-        model=model,
-        target=target,
-        out=out,
-        verify=verify,
-        passes=passes,
-        tolerance=tolerance,
-        max_context=max_context,
-        quant=quant,
-        group_size=group_size,
-        sym=sym,
-        calib=calib,
-        calib_samples=calib_samples,
-        calib_seqlen=calib_seqlen,
-        eval_file=eval_file,
-        eval_tokens=eval_tokens,
-        max_ppl_increase=_fraction(max_ppl_increase),
-    )
+    # every flag is named after its BuildConfig field
+    config = BuildConfig(**flags, max_ppl_increase=_fraction(max_ppl_increase))
     console = _console()
     console.print(
         "llmc build " + "  ".join(f"{k}=[bold]{v}[/bold]" for k, v in config.describe().items())
@@ -362,7 +329,7 @@ def _fraction(text: str | None) -> float | None:
 @click.option("--stride", type=click.IntRange(min=1), help="Window step [default: window / 2].")
 @click.option(
     "--max-tokens",
-    default=8192,
+    default=BuildConfig.eval_tokens,
     show_default=True,
     type=click.IntRange(min=0),
     help="Score the text's first N tokens (0: all of it).",

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from llmc.artifact import sha256_file
+from llmc.config import BuildConfig
 from llmc.errors import LlmcError
 
 DEFAULT_WINDOW = 512
-DEFAULT_MAX_TOKENS = 8192  # of the text; 0 scores all of it
+DEFAULT_MAX_TOKENS = BuildConfig.eval_tokens  # of the text; 0 scores all of it
 
 
 def text_tokens(path: Path, encode: Callable[[str], list[int]], max_tokens: int) -> np.ndarray:
