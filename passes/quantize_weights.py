@@ -115,8 +115,7 @@ class QuantizeWeights:
             _replace_embedding(graph, node, Q.rtn(table, 8, group, sym=True))
             counts["embeddings"] += 1
         graph.quantization = cfg.recipe()
-        report = PassReport(self.name, modified=True, counts=counts, notes=notes)
-        return report
+        return PassReport(self.name, modified=True, counts=counts, notes=notes)
 
 
 # -- quantizing one weight ------------------------------------------------------------------------
@@ -197,8 +196,8 @@ def _name(node) -> str:
 
 
 class _Statistics:
-    """The calibration inputs of every linear: H = 2XᵀX / n per distinct input node, and a
-    sample of X's rows (for AWQ), from running the graph on the calibration sequences."""
+    """The calibration inputs of every linear: H = 2XᵀX / n per distinct input node, and for
+    AWQ a sample of X's rows, from running the graph on the calibration sequences."""
 
     def __init__(self, graph: Graph, linears, sequences, cfg: QuantConfig):
         from llmc.compiler.trace import prefill_inputs
@@ -218,8 +217,9 @@ class _Statistics:
                 rows = value.reshape(-1, value.shape[-1]).to(torch.float64)
                 h = 2 * rows.T @ rows
                 self._h[x] = h if self._h[x] is None else self._h[x] + h
-                pick = torch.randperm(len(rows), generator=g)[:per_sequence]
-                self._samples[x].append(rows[pick].to(torch.float32))
+                if cfg.method == "awq":
+                    pick = torch.randperm(len(rows), generator=g)[:per_sequence]
+                    self._samples[x].append(rows[pick].to(torch.float32))
             self._count += len(ids)
 
     def hessian(self, node) -> torch.Tensor:
@@ -227,6 +227,12 @@ class _Statistics:
 
     def sample(self, node) -> torch.Tensor:
         return torch.cat(self._samples[_input(node)])
+
+    def rescale(self, x, s: torch.Tensor) -> None:
+        """The linears reading `x` now read x / s (AWQ folded s into its producer)."""
+        s64 = s.to(torch.float64)
+        self._h[x] = self._h[x] / s64[:, None] / s64[None, :]
+        self._samples[x] = [r / s for r in self._samples[x]]
 
 
 # -- AWQ ------------------------------------------------------------------------------------------
@@ -258,10 +264,7 @@ def _apply_awq(graph: Graph, linears, stats: _Statistics, cfg: QuantConfig, head
         fold(1 / s)
         for node, w in zip(group, weights, strict=True):
             node.update_arg(1, graph.add_constant(_name(node) + ".awq_weight", w * s))
-        # the statistics are of x, now x/s: rescale them to describe what the linears now read
-        h = stats._h[x]
-        stats._h[x] = h / s.to(h.dtype)[:, None] / s.to(h.dtype)[None, :]
-        stats._samples[x] = [r / s for r in stats._samples[x]]
+        stats.rescale(x, s)
         scaled += len(group)
     notes.append(f"awq: {scaled} of {len(linears)} linears scaled")
     return notes

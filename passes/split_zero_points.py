@@ -49,17 +49,15 @@ class SplitZeroPoints:
                 e = torch.zeros(n_groups, k)  # linear() takes [out, in]: E transposed
                 e[torch.arange(k) // group, torch.arange(k)] = 1.0
                 summers[(k, group)] = graph.add_constant(f"group_sum_{k}_{group}", e)
+            if (x, group) not in sums:
+                with graph.fx.inserting_after(x):
+                    summer = summers[(k, group)]
+                    sums[(x, group)] = graph.call(aten.linear.default, (x, summer), like=node)
+            r = graph.add_constant(f"{zeros_node.name}_residual", residual)
             with graph.fx.inserting_after(node):
-                if (x, group) not in sums:
-                    with graph.fx.inserting_after(x):
-                        sums[(x, group)] = graph.call(
-                            aten.linear.default, (x, summers[(k, group)]), like=node
-                        )
-                r = graph.add_constant(f"{zeros_node.name}_residual", residual)
-                with graph.fx.inserting_after(node):
-                    corr = graph.call(aten.linear.default, (sums[(x, group)], r), like=node)
-                with graph.fx.inserting_after(corr):
-                    total = graph.call(aten.add.Tensor, (node, corr), like=node)
+                corr = graph.call(aten.linear.default, (sums[(x, group)], r), like=node)
+            with graph.fx.inserting_after(corr):
+                total = graph.call(aten.add.Tensor, (node, corr), like=node)
             node.replace_all_uses_with(total, delete_user_cb=lambda u, t=total: u is not t)
             split += 1
         return PassReport(self.name, modified=split > 0, counts={"split": split})
