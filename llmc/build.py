@@ -234,19 +234,18 @@ def _evaluate(config, loaded, target, directory: Path) -> dict:
     def encode(text: str) -> list[int]:
         return tok(text, verbose=False)["input_ids"]
 
-    ours = evaluate_session(session, encode, config.eval_file, max_tokens=config.eval_tokens)
-    reference = evaluate_session(
-        TorchScorer(loaded.model, session.max_context),
+    ours = evaluate_session(
+        session,
         encode,
         config.eval_file,
-        window=ours["window"],
-        stride=ours["stride"],
         max_tokens=config.eval_tokens,
+        reference=TorchScorer(loaded.model),
     )
-    increase = ours["perplexity"] / reference["perplexity"] - 1
+    reference = ours.pop("reference_perplexity")
+    increase = ours["perplexity"] / reference - 1
     return {
         **ours,
-        "reference": {"engine": "pytorch-fp32", "perplexity": reference["perplexity"]},
+        "reference": {"engine": "pytorch-fp32", "perplexity": reference},
         "increase": increase,
         "max_increase": config.max_ppl_increase,
     }

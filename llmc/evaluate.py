@@ -52,15 +52,21 @@ def evaluate_session(
     stride: int | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     progress: Callable[[int, int], None] | None = None,
+    reference=None,
 ) -> dict:
-    """Perplexity of `path` under a session (any target): the manifest's `evaluation` entry."""
+    """Perplexity of `path` under a session (any target): the manifest's `evaluation` entry.
+    `reference` (anything with `score`, e.g. TorchScorer) is scored on the same windows; its
+    perplexity goes under "reference_perplexity"."""
     from llmc.runtime.perplexity import perplexity
 
     ids = text_tokens(path, encode, max_tokens)
     window, stride = window_sizes(session.max_context, window, stride)
     result = perplexity(session.score, ids, window, stride, progress)
     session.reset()
-    return {"file": Path(path).name, "sha256": sha256_file(Path(path)), **result.to_dict()}
+    entry = {"file": Path(path).name, "sha256": sha256_file(Path(path)), **result.to_dict()}
+    if reference is not None:
+        entry["reference_perplexity"] = perplexity(reference.score, ids, window, stride).perplexity
+    return entry
 
 
 def evaluate_artifact(directory: Path, path: Path, threads: int | None = None, **kwargs) -> dict:
@@ -74,8 +80,8 @@ def evaluate_artifact(directory: Path, path: Path, threads: int | None = None, *
 class TorchScorer:
     """`score(ids) -> logits [S, V]` of the PyTorch model (the fp32 reference of the gate)."""
 
-    def __init__(self, model, max_context: int):
-        self.model, self.max_context = model, max_context
+    def __init__(self, model):
+        self.model = model
 
     def score(self, ids: np.ndarray) -> np.ndarray:
         import torch
@@ -83,6 +89,3 @@ class TorchScorer:
         with torch.no_grad():
             out = self.model(input_ids=torch.as_tensor(ids)[None], use_cache=False)
         return out.logits[0].float().numpy()
-
-    def reset(self) -> None:
-        pass

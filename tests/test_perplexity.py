@@ -31,7 +31,7 @@ def test_windows_score_every_token_once(n, window, stride):
 def test_one_window_equals_pytorch_loss(tiny_model):
     model, _ = tiny_model("llama")
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 40)
-    scorer = TorchScorer(model, 128)
+    scorer = TorchScorer(model)
     ours = perplexity(scorer.score, ids, window=64, stride=32)
     with torch.no_grad():
         loss = model(input_ids=torch.tensor(ids)[None], labels=torch.tensor(ids)[None]).loss
@@ -46,6 +46,6 @@ def test_onnx_session_scores_like_pytorch(tiny_artifact, tiny_model):
     gen = rt.load(tiny_artifact("llama"))
     ids = np.random.default_rng(1).integers(0, model.config.vocab_size, 300)
     ours = perplexity(gen.session.score, ids, window=128, stride=64)
-    ref = perplexity(TorchScorer(model, 128).score, ids, window=128, stride=64)
+    ref = perplexity(TorchScorer(model).score, ids, window=128, stride=64)
     assert ours.windows == ref.windows == 4
     assert math.isclose(ours.perplexity, ref.perplexity, rel_tol=1e-5)
