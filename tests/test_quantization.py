@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -281,6 +282,31 @@ def test_quantized_artifact_is_exact_against_its_graph(quant, extra, tmp_path):
     assert ops["com.microsoft::GatherBlockQuantized"] == 1
     shown = CliRunner().invoke(cli, ["inspect", str(out)])
     assert f"quant    {quant}: " in shown.output and "fast decode kernels" in shown.output
+    if quant in ("int4", "int8"):  # RTN: the lm_head's rows lie within half a step of fp32
+        check_rescorer_rows(out, m)
+
+
+def check_rescorer_rows(out, manifest):
+    """The fast decode session rescores its top logits from the lm_head rows it reads out of
+    onnxruntime's layout: they must be the model's lm_head, rounded to its 8-bit grid."""
+    from llmc.compiler import tiny
+    from llmc.targets.onnx.session import Session
+
+    session = Session(out, manifest)
+    rescore = session._rescore
+    assert rescore is not None and rescore.bits == 8
+    w = tiny.build_model("llama").lm_head.weight.detach().numpy()
+    rows = rescore.rows(np.arange(w.shape[0]))
+    step = np.repeat(rescore.scales, rescore.block, 1)[:, : w.shape[1]]
+    assert rows.shape == w.shape and np.all(np.abs(rows - w) <= 0.5 * step + 1e-6)
+    h = np.random.default_rng(0).standard_normal((1, w.shape[1])).astype(np.float32)
+    logits = (h @ w.T).astype(np.float32) + 1.0  # rescoring replaces exactly the top 16
+    before = logits.copy()
+    rescore(logits, h)
+    top = np.argsort(before[0])[-16:]
+    assert np.allclose(logits[0, top], rows[top] @ h[0], atol=1e-5)
+    rest = np.setdiff1d(np.arange(w.shape[0]), top)
+    assert np.array_equal(logits[0, rest], before[0, rest])
 
 
 def test_gridded_model_builds_without_quantization_loss(tmp_path, tiny_model):

@@ -34,8 +34,9 @@ def int4(tmp_path_factory):
 
 def test_int8_perplexity_within_1_percent_and_same_32_greedy_tokens(int8):
     """With the exact kernels, 32 greedy tokens equal fp32's. onnxruntime's fast decode kernels
-    (int8 activations) drift earlier on this prompt (token 7 to 22 here, depending on threads):
-    that gap is known and recorded, see the issue's progress note."""
+    quantize activations to int8: even with the lm_head's top logits rescored exactly
+    (rescore.py), the hidden states drift, and the text leaves fp32's between token 22 and 62 on
+    this prompt, depending on one-step rounding ties of the build: recorded in the issue's note."""
     from llmc.targets.onnx.session import Session
 
     gen = rt.load(int8)
@@ -52,7 +53,7 @@ def test_int8_perplexity_within_1_percent_and_same_32_greedy_tokens(int8):
 
     reference = sources.load(sources.resolve(None)).model
     assert ours == hf_greedy(reference, ids, 32)
-    assert fast[:4] == ours[:4]
+    assert fast[:8] == ours[:8]
 
 
 def test_int4_keeps_the_q4_1_grid(int4):

@@ -22,14 +22,18 @@ import numpy as np
 
 from llmc.errors import ContextLengthError
 from llmc.runtime.session import PositionTracker
+from llmc.targets.onnx.rescore import LmHeadRescorer
 
 CAPACITY_STEP = 256  # buffer positions are reserved in multiples of this
 PREFILL_CHUNK = 256  # long prompts run in chunks: less attention work, bounded scratch memory
 
 
-def _open(directory, manifest: dict, threads: int | None, accuracy_level: int | None = None):
-    """An onnxruntime session; `accuracy_level` overrides every MatMulNBits' (0: dequantize the
-    weights and multiply in fp32, exactly what the llmc op computes)."""
+def _open(
+    directory, manifest: dict, threads: int | None, accuracy_level: int | None = None, rescore=False
+):
+    """An onnxruntime session and its lm_head rescorer (or None). `accuracy_level` overrides
+    every MatMulNBits' (0: dequantize the weights and multiply in fp32, exactly what the llmc op
+    computes); `rescore`: expose the lm_head's input for exact top logits (rescore.py)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -38,18 +42,21 @@ def _open(directory, manifest: dict, threads: int | None, accuracy_level: int | 
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     path = Path(directory) / manifest["target"]["files"]["model"]
-    if accuracy_level is None:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if accuracy_level is None and not rescore:
+        return ort.InferenceSession(str(path), opts, providers=providers), None
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     for node in model.graph.node:
         for a in node.attribute:
             if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
-                a.i = accuracy_level
+                a.i = a.i if accuracy_level is None else accuracy_level
+    vocab = int(manifest["model"]["vocab_size"])
+    rescorer = LmHeadRescorer.attach(model, path.parent, vocab) if rescore else None
     folder = "session.model_external_initializers_file_folder_path"
     opts.add_session_config_entry(folder, str(path.parent))
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=providers), rescorer
 
 
 def Session(
@@ -70,10 +77,13 @@ def Session(
 class _Base:
     def __init__(self, directory, manifest: dict, threads: int | None = None, exact=False):
         quantized = bool(manifest.get("quantization"))
-        self._sess = _open(directory, manifest, threads, 0 if exact and quantized else None)
+        fast = quantized and not exact
+        self._sess, self._rescore = _open(
+            directory, manifest, threads, 0 if exact and quantized else None, rescore=fast
+        )
         self._prefill_sess = self._sess
-        if quantized and not exact:
-            self._prefill_sess = _open(directory, manifest, threads, accuracy_level=0)
+        if fast:
+            self._prefill_sess, _ = _open(directory, manifest, threads, accuracy_level=0)
         model, io = manifest["model"], manifest["io"]
         self.max_context = int(io["max_context"])
         self.vocab_size = int(model["vocab_size"])
@@ -125,7 +135,11 @@ class ConcatKVSession(_Base):
         feeds = {k: v for k, v in feeds.items() if k in self._inputs}
         feeds.update(zip(self._past_names, self._past, strict=True))
         sess = self._prefill_sess if ids.shape[1] > 1 else self._sess
-        logits, *present = sess.run(None, feeds)
+        rescore = self._rescore if sess is self._sess else None
+        names = ["logits", *self._present_names] + ([rescore.output] if rescore else [])
+        logits, *present = sess.run(names, feeds)
+        if rescore:
+            rescore(logits[:, -1], present.pop()[:, -1])
         self._past = present  # [B, KVH, T, D] each
         return logits if all_positions else logits[:, -1, :]  # [B, S, V] or [B, V]
 
@@ -142,7 +156,7 @@ class SharedKVSession(_Base):
         super().__init__(directory, manifest, threads, exact)
         self._buffers: list[np.ndarray] = []
         self._lengths: np.ndarray | None = None  # tokens in the cache, per row
-        self._decode = None  # (binding, ids, positions, seqlens, index, logits) of decode steps
+        self._decode = None  # (binding, ids, positions, seqlens, index, logits, hidden) of decode
 
     @property
     def capacity(self) -> int:
@@ -189,13 +203,16 @@ class SharedKVSession(_Base):
         self._check(needed)
         if self._reserve(len(ids), needed) or self._decode is None:
             self._decode = self._bind_decode(len(ids))
-        binding, in_ids, positions, seqlens, _, logits = self._decode
+        binding, in_ids, positions, seqlens, _, logits, hidden = self._decode
         in_ids[:] = ids
         positions[:, 0] = self._lengths
         seqlens[:] = self._lengths  # the row's length after this step, minus one
         self._sess.run_with_iobinding(binding)
         self._lengths += 1
-        return logits[:, -1].copy()
+        out = logits[:, -1].copy()
+        if self._rescore:
+            self._rescore(out, hidden[:, -1])
+        return out
 
     # -- buffers and bindings --------------------------------------------------------------------
     def _check(self, needed: int) -> None:
@@ -239,7 +256,7 @@ class SharedKVSession(_Base):
         index = np.arange(s) if all_positions else np.array([s - 1])
         ids = np.ascontiguousarray(ids)
         sess = self._prefill_sess
-        binding, *_, logits = self._binding(ids, positions, seqlens, index, rows, sess)
+        binding, *_, logits, _ = self._binding(ids, positions, seqlens, index, rows, sess)
         sess.run_with_iobinding(binding)
         return logits
 
@@ -251,7 +268,8 @@ class SharedKVSession(_Base):
         return self._binding(ids, positions, seqlens, index, slice(0, batch), self._sess)
 
     def _binding(self, ids, positions, seqlens, index, rows: slice, sess):
-        """Bind inputs, the rows' KV buffers (as past and present) and a logits array."""
+        """Bind inputs, the rows' KV buffers (as past and present), a logits array and, for the
+        rescored decode session, an array for the lm_head's input."""
         if "logits_index" in self._inputs:
             kept = len(index)
         else:
@@ -266,5 +284,11 @@ class SharedKVSession(_Base):
         binding.bind_output(
             "logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data
         )
+        hidden = None
+        if self._rescore and sess is self._sess:
+            hidden = np.empty((ids.shape[0], kept, self._rescore.k), np.float32)
+            binding.bind_output(
+                self._rescore.output, "cpu", 0, hidden.dtype, list(hidden.shape), hidden.ctypes.data
+            )
         binding._keep = (ids, positions, seqlens, index)  # bound memory must outlive the run
-        return binding, ids, positions, seqlens, index, logits
+        return binding, ids, positions, seqlens, index, logits, hidden

@@ -1,0 +1,93 @@
+"""Exact logits for a decode step's leading candidates.
+
+onnxruntime's fast MatMulNBits kernels (accuracy level 4) quantize each activation row to int8
+before multiplying. On the lm_head that noise (about 0.05 in a logit here) is enough to swap two
+near-tied candidates, so a quantized artifact's greedy text left its exact numbers within a few
+tokens; the exact kernel (level 0) on the lm_head costs 5x a whole decode step, because it
+dequantizes all 28 M weights each call. Instead the fast session also returns the lm_head's input,
+and this module recomputes the `TOP` largest logits from the dequantized rows of those candidates
+only (16 x hidden multiply-adds): greedy and top-k sampling then see the exact values where they
+decide. The rows are read from the model's own initializers, in onnxruntime's MatMulNBits layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TOP = 16  # candidates rescored per row; the fast logits' error never reorders beyond a handful
+
+
+class LmHeadRescorer:
+    """The lm_head's quantized rows, dequantized on demand."""
+
+    def __init__(self, output: str, codes, scales, zeros, bits: int, block: int, k: int, bias=None):
+        self.output = output  # the graph output that carries the lm_head's input [B, S, K]
+        self.bits, self.block, self.k = bits, block, k
+        n = codes.shape[0]
+        self.codes = codes.reshape(n, -1)  # [N, blocks * block * bits / 8]
+        self.scales = scales.reshape(n, -1).astype(np.float32)  # [N, blocks]
+        self.zeros = zeros  # [N, blocks] (unpacked) or None: the midpoint 2^(bits-1)
+        self.bias = bias
+
+    @classmethod
+    def attach(cls, model, directory: Path, vocab_size: int) -> LmHeadRescorer | None:
+        """Expose the input of `model`'s lm_head (the MatMulNBits with N == vocab) as an extra
+        graph output and return a rescorer for its weights; None if it has no such node."""
+        from onnx import TensorProto, helper, numpy_helper
+        from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+        attrs = None
+        for node in model.graph.node:
+            if node.op_type != "MatMulNBits":
+                continue
+            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            if a["N"] == vocab_size:
+                attrs, head = a, node
+        if attrs is None or len(head.input) > 4 and head.input[4]:
+            return None  # no quantized lm_head, or a g_idx permutation this does not read
+        inits = {t.name: t for t in model.graph.initializer}
+
+        def array(i: int):
+            if len(head.input) <= i or not head.input[i]:
+                return None
+            tensor = inits[head.input[i]]
+            if uses_external_data(tensor):
+                tensor = type(tensor).FromString(tensor.SerializeToString())
+                load_external_data_for_tensor(tensor, str(directory))
+            return numpy_helper.to_array(tensor)
+
+        bits, block, k = attrs["bits"], attrs["block_size"], attrs["K"]
+        codes, scales, zeros = array(1), array(2), array(3)
+        blocks = -(-k // block)
+        if zeros is not None:
+            if zeros.dtype != np.uint8:
+                return None  # float zero points: onnxruntime's slow path, no fast kernel to fix
+            zeros = zeros.reshape(vocab_size, -1)
+            if bits == 4:
+                zeros = np.stack([zeros & 15, zeros >> 4], -1).reshape(vocab_size, -1)
+            zeros = zeros[:, :blocks].astype(np.float32)
+        output = head.input[0]
+        model.graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, None))
+        return cls(output, codes, scales, zeros, bits, block, k, array(5))
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Dequantized weight rows `ids` -> [len(ids), K] float32."""
+        packed = self.codes[ids]
+        if self.bits == 4:
+            packed = np.stack([packed & 15, packed >> 4], -1).reshape(len(ids), -1)
+        codes = packed.reshape(len(ids), -1, self.block).astype(np.float32)
+        zeros = 2.0 ** (self.bits - 1) if self.zeros is None else self.zeros[ids][..., None]
+        w = (codes - zeros) * self.scales[ids][..., None]
+        return w.reshape(len(ids), -1)[:, : self.k]
+
+    def __call__(self, logits: np.ndarray, hidden: np.ndarray) -> None:
+        """Replace, in place, each row's TOP largest `logits` [B, V] by exact ones computed from
+        `hidden` [B, K]."""
+        for row, h in zip(logits, hidden, strict=True):
+            top = np.argpartition(row, -TOP)[-TOP:]
+            exact = self.rows(top) @ h.astype(np.float32)
+            if self.bias is not None:
+                exact += self.bias[top]
+            row[top] = exact
