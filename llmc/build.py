@@ -63,6 +63,8 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
         raise LlmcError("--max-ppl-increase needs --eval FILE, the text to measure it on.")
     if config.eval_file is not None and not Path(config.eval_file).is_file():
         raise LlmcError(f"--eval {config.eval_file} is not a file; pass a UTF-8 text file.")
+    if config.precision and config.target != "openvino":
+        raise LlmcError(f"--precision applies to --target openvino, not {config.target}.")
     quant = _quant_config(config)
     passes = target.pipeline(quant=quant)
     from llmc.compiler.pass_manager import select
@@ -101,6 +103,8 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
             emitted = target.emit(graph, tmp)
         loaded.tokenizer.save_pretrained(tmp)
         manifest = _manifest(config, source, spec, graph, emitted, reports, loaded)
+        if config.precision:
+            manifest["target"]["precision"] = config.precision  # verification still runs at f32
         if graph.quantization is not None:
             manifest["quantization"] = {
                 **graph.quantization,
@@ -154,8 +158,8 @@ def _verify(config, source, loaded, target, directory: Path, graph=None):
     manifest = read_manifest(directory, check_files=False)
     tolerance = config.tolerance or default_tolerance(source.kind)
     steps = config.decode_steps
-    if graph is None:
-        session = target.session_class()(directory, manifest)
+    if graph is None:  # exact: at f32 even when the artifact asks for bf16 at run time
+        session = target.session_class()(directory, manifest, exact=True)
         prompts = verify_prompts(loaded.tokenizer, session.max_context)
         return verify(EagerReference(loaded.model), session, prompts, tolerance, steps), None
     # Quantized: the exact kernels must compute what the graph computes; the fast decode kernels
@@ -305,6 +309,7 @@ def _manifest(config, source, spec, graph, emitted, reports, loaded) -> dict:
             "name": config.target,
             "flavor": emitted.flavor,
             "files": {"model": emitted.files[0]},
+            **(emitted.target or {}),
         },
         "io": {
             "inputs": emitted.inputs or graph.input_names,
@@ -322,6 +327,7 @@ def _manifest(config, source, spec, graph, emitted, reports, loaded) -> dict:
             "kv_mode": graph.kv_mode,
             "logits": graph.logits,
             "max_context": spec.max_context,
+            **(emitted.io or {}),
         },
         "quantization": None,
         "passes": [r.to_dict() for r in reports],

@@ -133,6 +133,12 @@ class _RichProgress:
     help="Largest sequence the artifact accepts (default: the model's).",
 )
 @click.option(
+    "--precision",
+    type=click.Choice(["f32", "bf16"]),
+    help="OpenVINO only: the compute precision the artifact runs at [default: f32, exact; bf16 "
+    "is faster on CPUs with AMX/AVX512-BF16 and is not verified].",
+)
+@click.option(
     "--quant",
     type=click.Choice(["int8", "int4", "gptq", "awq"]),
     help="Weight-only quantization: int8/int4 round-to-nearest, or 4-bit GPTQ/AWQ (calibrated).",

@@ -18,6 +18,7 @@ class BuildConfig:
     tolerance: float | None = None  # None: 1e-4 for tiny models, 1e-3 otherwise
     max_context: int | None = None  # None: the model's own
     decode_steps: int = 8
+    precision: str | None = None  # OpenVINO compute precision at run time: "f32" (default) | "bf16"
     # quantization (passes/quantize_weights.py); None: fp32
     quant: str | None = None  # "int8" | "int4" | "gptq" | "awq"
     group_size: int = 32  # 0: one group per output channel
@@ -39,5 +40,6 @@ class BuildConfig:
             "passes": self.passes or "all",
             "max_context": self.max_context or "model's",
             **({"quant": self.quant} if self.quant else {}),
+            **({"precision": self.precision} if self.precision else {}),
             **({"eval": str(self.eval_file)} if self.eval_file else {}),
         }

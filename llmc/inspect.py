@@ -26,7 +26,11 @@ def render(manifest: dict, directory: Path) -> None:
     console.print(
         f"target   {target['name']} ({target['flavor']}), KV mode {io['kv_mode']}, "
         f"logits {io['logits']}"
+        + (f", precision {target['precision']}" if "precision" in target else "")
     )
+    if target.get("fused_ops"):
+        fused = ", ".join(f"{k} {v}" for k, v in target["fused_ops"].items())
+        console.print(f"fused    by the {target['name']} plugin at compile time: {fused}")
     tools = ", ".join(f"{k} {v}" for k, v in manifest["toolchain"].items())
     console.print(
         f"built    {manifest['build']['created']} in {manifest['build']['seconds']}s with {tools}"

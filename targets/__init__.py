@@ -51,8 +51,8 @@ TARGETS: dict[str, TargetInfo] = {
             "llmc.targets.openvino",
             ("openvino",),
             "pip install 'llmc[openvino]'",
-            ready=False,
-            description="stateful OpenVINO IR (planned)",
+            description="stateful OpenVINO IR run by OpenVINO's CPU plugin",
+            runtime="openvino",
         ),
         TargetInfo(
             "tvm",

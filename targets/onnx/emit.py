@@ -23,6 +23,8 @@ class EmitResult:
     toolchain: dict[str, str]
     flavor: str = "onnxruntime-cpu"
     inputs: list[str] | None = None  # the emitted graph's inputs (unused ones may be dropped)
+    io: dict | None = None  # manifest "io" entries the target decides (a stateful KV mode)
+    target: dict | None = None  # extra manifest "target" entries (precision, fused ops)
 
 
 # Contrib ops whose trailing outputs are optional: an unused one left named is still computed

@@ -1,0 +1,125 @@
+"""Emit a Graph as stateful OpenVINO IR (openvino_model.xml/.bin).
+
+Recipe (DESIGN.md, "OpenVINO"): decompose the llmc ops into the ATen forms the plugin fuses
+(lowering.py) -> `openvino.convert_model` on the ExportedProgram -> name inputs and outputs ->
+add a `beam_idx` input with a Gather in front of every past-KV use (the plugin's stateful SDPA
+fusion expects it) -> make the KV cache state (ReadValue/Assign) -> `save_model` without fp16
+compression. Converting from the ExportedProgram rather than the ONNX target's file keeps the
+ATen SDPA that OpenVINO fuses; the ONNX file holds onnxruntime contrib ops OpenVINO cannot read.
+The fusions the CPU plugin then makes are counted on the compiled model and recorded."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmc.targets.onnx.emit import EmitResult
+from llmc.targets.openvino.session import compile_properties
+
+if TYPE_CHECKING:
+    from llmc.compiler.graph import Graph
+
+MODEL_FILE = "openvino_model.xml"
+WEIGHTS_FILE = "openvino_model.bin"
+# Plugin layer types that show a fusion happened (the compiled model's, after its passes).
+FUSED = ("RMS", "RoPE", "ScaledDotProductAttention", "MemoryInput", "MemoryOutput")
+
+
+def lower(graph: Graph):
+    """The graph's program with every llmc op decomposed for OpenVINO."""
+    from llmc.targets.openvino.lowering import decompositions
+
+    program = graph.program
+    used = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    table = {op: fn for op, fn in decompositions().items() if op in used}
+    return program.run_decompositions(table) if table else program
+
+
+def make_stateful(model, past: list[str], present: list[str]) -> None:
+    """Route each past KV input through Gather(beam_idx) and turn past/present pairs into state."""
+    import openvino as ov
+    import openvino.opset13 as opset
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    beam = opset.parameter([-1], ov.Type.i32, name="beam_idx")
+    beam.output(0).get_tensor().set_names({"beam_idx"})
+    for name in past:
+        port = model.input(name)
+        users = list(port.get_target_inputs())
+        gathered = opset.gather(port, beam, opset.constant(0, ov.Type.i32))
+        for user in users:
+            user.replace_source_output(gathered.output(0))
+    model.add_parameters([beam])
+    apply_make_stateful_transformation(model, dict(zip(past, present, strict=True)))
+    # Each state starts as zeros [batch, kv_heads, 0, head_dim], the batch read off input_ids:
+    # a ReadValue without that initializer cannot be compiled.
+    batch = opset.gather(
+        opset.shape_of(model.input("input_ids"), "i64"),
+        opset.constant([0], ov.Type.i64),
+        opset.constant(0, ov.Type.i64),
+    )
+    for op in model.get_ops():
+        if op.get_type_name() != "ReadValue":
+            continue
+        shape = op.get_output_partial_shape(0)
+        dims = [batch] + [
+            opset.constant([d.get_min_length()], ov.Type.i64) for d in list(shape)[1:]
+        ]
+        zeros = opset.constant(0.0, op.get_output_element_type(0))
+        op.set_arguments([opset.broadcast(zeros, opset.concat(dims, 0))])
+    model.validate_nodes_and_infer_types()
+
+
+def runtime_ops(compiled) -> dict[str, int]:
+    """Layer types of a compiled model (after the plugin's fusions), and "StatefulSDPA": the
+    attention nodes that read their KV cache straight from the state (no concat per step)."""
+
+    def kind(op) -> str:
+        return op.get_rt_info()["layerType"].astype(str)
+
+    ops = compiled.get_runtime_model().get_ops()
+    counts = Counter(kind(op) for op in ops)
+    counts["StatefulSDPA"] = sum(
+        kind(op) == "ScaledDotProductAttention"
+        and any(kind(i.get_source_output().get_node()) == "MemoryInput" for i in op.inputs())
+        for op in ops
+    )
+    return dict(sorted(counts.items()))
+
+
+def emit(graph: Graph, out_dir: Path) -> EmitResult:
+    import openvino as ov
+
+    from llmc.targets.openvino.lowering import conversion_extensions
+
+    if graph.kv_mode != "concat":
+        raise ValueError("the OpenVINO target takes a concat-mode graph (no rewire_kv_cache)")
+    program = lower(graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's pytree deprecations, raised inside the converter
+        model = ov.convert_model(program, extension=conversion_extensions())
+    for port, name in zip(model.inputs, graph.input_names, strict=True):
+        port.get_tensor().set_names({name})
+    for port, name in zip(model.outputs, graph.output_names, strict=True):
+        port.get_tensor().set_names({name})
+    past = [n for n in graph.input_names if n.startswith("past_key_values.")]
+    present = [n for n in graph.output_names if n.startswith("present.")]
+    make_stateful(model, past, present)
+    path = Path(out_dir) / MODEL_FILE
+    ov.save_model(model, str(path), compress_to_fp16=False)
+    core = ov.Core()
+    saved = core.read_model(str(path))
+    histogram = Counter(op.get_type_name() for op in saved.get_ordered_ops())
+    compiled = core.compile_model(saved, "CPU", compile_properties("f32", None))
+    fused = {k: v for k, v in runtime_ops(compiled).items() if k in (*FUSED, "StatefulSDPA")}
+    return EmitResult(
+        files=[MODEL_FILE, WEIGHTS_FILE],
+        op_histogram=dict(sorted(histogram.items())),
+        toolchain={"openvino": ov.__version__.split("-")[0]},
+        flavor="openvino-cpu",
+        inputs=[p.get_any_name() for p in saved.inputs],
+        io={"kv_mode": "stateful", "past_inputs": [], "present_outputs": []},
+        target={"precision": "f32", "fused_ops": fused, "weights": WEIGHTS_FILE},
+    )

@@ -1,0 +1,112 @@
+"""OpenVINO target: every tiny architecture end to end, the stateful IR and the fusions the CPU
+plugin makes of it, precision, and the native runner (llmc-run) against the Python runtime."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import llmc.runtime as rt
+from llmc.artifact import read_manifest
+from llmc.cli import cli
+from tests.conftest import TINY_ARCHS
+from tests.test_tiny_end_to_end import PROMPT, hf_greedy
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = ROOT / "build" / "native" / "llmc-run"
+
+
+@pytest.fixture(scope="module")
+def ov_artifact(tiny_artifact):
+    return lambda arch: tiny_artifact(arch, target="openvino")
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_tiny_architecture_is_stateful_fused_and_matches_transformers(
+    arch, ov_artifact, tiny_model
+):
+    path = ov_artifact(arch)
+    m = read_manifest(path)
+    assert m["io"]["kv_mode"] == "stateful" and m["io"]["past_inputs"] == []
+    ver = m["verification"]
+    assert ver["passed"] and ver["max_abs_diff"] <= 1e-4 and ver["greedy_agreement"] == 18
+    assert m["graph"]["op_histogram"]["ScaledDotProductAttention"] == 2  # one per layer
+    assert m["graph"]["op_histogram"]["ReadValue"] == 4  # the KV cache is state: K and V per layer
+    fused = m["target"]["fused_ops"]
+    assert fused["StatefulSDPA"] == 2 and fused["MemoryInput"] == 4
+    if arch != "gpt2":  # gpt2 has LayerNorm and learned positions
+        assert fused["RMS"] == 5 and fused["RoPE"] == 4
+    gen = rt.load(path)
+    names = {p.get_any_name() for p in gen.session.compiled.inputs}
+    assert names == {"input_ids", "position_ids", "attention_mask", "logits_index", "beam_idx"}
+    assert [p.get_any_name() for p in gen.session.compiled.outputs] == ["logits"]
+    model, tokenizer = tiny_model(arch)
+    ids = tokenizer(PROMPT)["input_ids"]
+    ours = [int(t[0]) for t in gen.generate_ids([ids], rt.GenerationConfig(32, ignore_eos=True))]
+    assert ours == hf_greedy(model, ids, 32)
+
+
+def test_batched_left_padded_rows_and_a_reset_state(ov_artifact):
+    gen = rt.load(ov_artifact("llama"))
+    prompts = ["Hello", "Once upon a time there was a lighthouse", "Paris"]
+    config = rt.GenerationConfig(12, ignore_eos=True)
+    batched = list(gen.generate_ids([gen.encode(p) for p in prompts], config))
+    for row, p in enumerate(prompts):
+        single = [int(t[0]) for t in gen.generate_ids([gen.encode(p)], config)]
+        assert [int(step[row]) for step in batched] == single
+    again = list(gen.generate_ids([gen.encode(p) for p in prompts], config))
+    assert [list(map(int, s)) for s in again] == [list(map(int, s)) for s in batched]
+
+
+def test_precision_is_exact_by_default_and_bf16_only_when_asked(tmp_path):
+    session = rt.load(_build(tmp_path / "f32")).session
+    for hint in ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION"):
+        assert session.compiled.get_property(hint).to_string() == "f32"
+    out = _build(tmp_path / "bf16", "--precision", "bf16")
+    m = read_manifest(out)
+    assert m["target"]["precision"] == "bf16" and m["verification"]["passed"]  # verified at f32
+    bf16 = rt.load(out).session
+    assert bf16.precision == "bf16"
+    assert bf16.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() in ("bf16", "f32")
+    result = CliRunner().invoke(cli, ["build", "tiny:llama", "-o", str(tmp_path / "x")] + [
+        "--precision", "bf16"])  # fmt: skip
+    assert result.exit_code == 2 and "--target openvino" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def _build(out: Path, *extra: str) -> Path:
+    args = ["build", "tiny:llama", "--target", "openvino", "-o", str(out), *extra]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def runner():
+    """The native runner, built by `make native` (which `make test` runs first)."""
+    if not RUNNER.exists():
+        subprocess.run(["make", "-C", str(ROOT), "native"], check=True, capture_output=True)
+    return RUNNER
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_native_runner_generates_the_python_runtime_tokens(arch, ov_artifact, runner):
+    path = ov_artifact(arch)
+    gen = rt.load(path)
+    ids = gen.encode(PROMPT)
+    want = [int(t[0]) for t in gen.generate_ids([ids], rt.GenerationConfig(24, ignore_eos=True))]
+    args = [str(runner), str(path), "--max-new-tokens", "24", "--threads", "2", *map(str, ids)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [int(t) for t in done.stdout.split()] == want
+    assert "decode_tokens_per_s" in done.stderr
+
+
+def test_native_runner_refuses_bad_arguments_with_exit_2(ov_artifact, runner):
+    done = subprocess.run([str(runner), str(ov_artifact("llama")), "12", "x"], capture_output=True)
+    assert done.returncode == 2 and b"not a token id or option: x" in done.stderr
+    done = subprocess.run([str(runner), str(ov_artifact("llama"))], capture_output=True)
+    assert done.returncode == 2
