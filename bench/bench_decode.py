@@ -52,10 +52,12 @@ def _long_prompt(encode) -> list[int]:
     return encode(text[:20000])[:TTFT_TOKENS]
 
 
-def run_llmc(artifact: str, threads: int, runs: int) -> dict:
+def run_llmc(artifact: str, threads: int, runs: int, hint: str | None = None) -> dict:
     import llmc.runtime as rt
 
     gen = rt.load(artifact, threads=threads)
+    if hint and hint != gen.session.precision:  # an OpenVINO artifact at another precision
+        gen.session = type(gen.session)(artifact, gen.manifest, threads, precision=hint)
     ids = gen.encode(PROMPT, chat=True)
     long_ids = _long_prompt(lambda t: gen.tokenizer.encode(t, add_special_tokens=False))
 
@@ -173,15 +175,16 @@ def run_ort_genai(model_dir: str, artifact: str, threads: int, runs: int) -> dic
     return result
 
 
-def run_ov_genai(model_dir: str, artifact: str, threads: int, runs: int, precision: str):
-    """openvino_genai.LLMPipeline, stateful SDPA backend, prefix caching off; fp32 at exact f32
-    (inference and KV cache), as llmc's OpenVINO artifacts run by default."""
+def run_ov_genai(model_dir: str, artifact: str, threads: int, runs: int, hint: str):
+    """openvino_genai.LLMPipeline, stateful SDPA backend, prefix caching off, at the compute
+    precision `hint` (f32: exact inference and KV cache, as llmc's OpenVINO artifacts run by
+    default; bf16: OpenVINO's own default on this CPU)."""
     import numpy as np
     import openvino_genai as ov_genai
 
     props = {"ATTENTION_BACKEND": "SDPA", "INFERENCE_NUM_THREADS": threads}
     props |= {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-    if precision == "fp32":
+    if hint == "f32":
         props |= {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
     pipe = ov_genai.LLMPipeline(model_dir, "CPU", **props)
     ids, long_ids = _prompts(artifact)
@@ -371,6 +374,12 @@ def main():
         help="fp32, or llmc --quant int8/int4 vs the reference's int8/int4 model.",
     )
     parser.add_argument("--artifact", help="Default: artifacts/bench-smollm2-TARGET[-PRECISION].")
+    parser.add_argument(
+        "--ov-hint",
+        choices=["f32", "bf16"],
+        default="f32",
+        help="openvino: the compute precision of both engines (f32: exact, llmc's default).",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3, help="Rounds (one process per engine).")
     parser.add_argument("--runs-per-child", type=int, default=1, help=argparse.SUPPRESS)
@@ -391,12 +400,13 @@ def main():
         args.artifact = str(ROOT / "artifacts" / f"bench-smollm2-{args.target}{suffix}")
     if args.engine:  # child process: one engine, one JSON line
         if args.engine == "llmc":
-            result = run_llmc(args.artifact, args.threads, args.runs)
+            hint = args.ov_hint if args.target == "openvino" else None
+            result = run_llmc(args.artifact, args.threads, args.runs, hint)
         elif args.engine == "ort-genai":
             result = run_ort_genai(args.ref_model, args.artifact, args.threads, args.runs)
         elif args.engine == "ov-genai":
-            model, precision = args.ref_model, args.precision
-            result = run_ov_genai(model, args.artifact, args.threads, args.runs, precision)
+            model, hint = args.ref_model, args.ov_hint
+            result = run_ov_genai(model, args.artifact, args.threads, args.runs, hint)
         else:
             result = run_transformers(args.threads, args.runs)
         print(json.dumps(result))
@@ -409,7 +419,8 @@ def main():
     build.setdefault("build_s", manifest["build"]["seconds"])
     size = sum(f["size"] for f in manifest["files"].values()) / 1e6
     ours_name = f"llmc-{args.target}"
-    children = {ours_name: lambda: _child("llmc", args)}
+    extra = ["--target", args.target, "--ov-hint", args.ov_hint]
+    children = {ours_name: lambda: _child("llmc", args, extra=extra)}
     if args.target == "onnx":
         python = _reference_env()
         ref = ["--ref-model", str(_reference_model(python, args.precision))]
@@ -417,7 +428,7 @@ def main():
     else:
         python = _ov_env()
         ref = ["--ref-model", str(_ov_model(python, args.precision))]
-        ref += ["--precision", args.precision]
+        ref += extra
         children["openvino-genai"] = lambda: _child("ov-genai", args, str(python), ref)
     if not args.skip_transformers and args.precision == "fp32":
         children["transformers-eager"] = lambda: _child("transformers", args)
@@ -432,6 +443,7 @@ def main():
         "protocol": {
             "model": f"SmolLM2-135M-Instruct {args.precision}",
             "target": args.target,
+            **({"openvino_precision_hint": args.ov_hint} if args.target == "openvino" else {}),
             "prompt": PROMPT,
             "chat": True,
             "new_tokens": NEW_TOKENS,

@@ -61,8 +61,8 @@ def test_batched_left_padded_rows_and_a_reset_state(ov_artifact):
     assert [list(map(int, s)) for s in again] == [list(map(int, s)) for s in batched]
 
 
-def test_precision_is_exact_by_default_and_bf16_only_when_asked(tmp_path):
-    session = rt.load(_build(tmp_path / "f32")).session
+def test_precision_is_exact_by_default_and_bf16_only_when_asked(tmp_path, ov_artifact):
+    session = rt.load(ov_artifact("llama")).session
     for hint in ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION"):
         assert session.compiled.get_property(hint).to_string() == "f32"
     out = _build(tmp_path / "bf16", "--precision", "bf16")
@@ -110,3 +110,39 @@ def test_native_runner_refuses_bad_arguments_with_exit_2(ov_artifact, runner):
     assert done.returncode == 2 and b"not a token id or option: x" in done.stderr
     done = subprocess.run([str(runner), str(ov_artifact("llama"))], capture_output=True)
     assert done.returncode == 2
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_weights_stay_compressed_and_pass_the_quality_gate(quant, tmp_path, ov_artifact):
+    """int4 on a model already on Q4_1 grids (fractional zero points, kept as f32 constants):
+    nothing lost; int8 on the random tiny model: within the 5% gate. The codes are u4/u8 (i8
+    when symmetric) constants, and the plugin folds their decompression into its matmuls: as
+    many FullyConnected nodes as the fp32 artifact, no extra ones."""
+    import openvino as ov
+
+    from llmc.compiler import tiny
+    from llmc.targets.openvino.emit import runtime_ops
+    from tests.test_quantization import DATA, gridded_tiny_llama
+
+    source = "tiny:llama"
+    if quant == "int4":
+        source = str(tmp_path / "gridded")
+        gridded_tiny_llama().save_pretrained(source)
+        tiny.build_tokenizer().save_pretrained(source)
+    out = tmp_path / "a"
+    args = ["build", source, "-t", "openvino", "-o", str(out), "--quant", quant, "--eval", DATA]
+    result = CliRunner().invoke(cli, [*args, "--eval-tokens", "300", "--max-ppl-increase", "5%"])
+    assert result.exit_code == 0, result.output
+    m = read_manifest(out)
+    assert m["verification"]["passed"] and m["verification"]["max_abs_diff"] <= 1e-4
+    assert m["evaluation"]["increase"] <= (1e-4 if quant == "int4" else 0.05)
+    model = ov.Core().read_model(str(out / "openvino_model.xml"))
+    kinds = {op.get_output_element_type(0).get_type_name() for op in model.get_ops()}
+    assert ("u4" if quant == "int4" else "i8") in kinds
+    fp32 = rt.load(ov_artifact("llama")).session
+    size = (out / "openvino_model.bin").stat().st_size
+    assert size < 0.45 * (ov_artifact("llama") / "openvino_model.bin").stat().st_size
+    session = rt.load(out).session
+    fc = runtime_ops(session.compiled)["FullyConnected"]
+    assert fc == runtime_ops(fp32.compiled)["FullyConnected"]
+    assert len(rt.load(out).generate("Paris is", max_new_tokens=8)) > 0

@@ -1,4 +1,5 @@
-"""End to end on the real SmolLM2-135M-Instruct: build with the CLI, answer, match transformers."""
+"""End to end on the real SmolLM2-135M-Instruct, for each target (ONNX, OpenVINO): build with the
+CLI, answer, match transformers."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from llmc.cli import cli
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smollm2") / "smollm2-onnx"
-    result = CliRunner().invoke(cli, ["build", "--target", "onnx", "--out", str(out)])
+@pytest.fixture(scope="module", params=["onnx", "openvino"])
+def smollm2(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / f"smollm2-{request.param}"
+    result = CliRunner().invoke(cli, ["build", "--target", request.param, "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out
 
@@ -43,10 +44,18 @@ def test_build_verified_within_design_tolerance(smollm2):
 
 def test_graph_is_fused(smollm2):
     """Issue 3's bar: one attention per layer, fused norms, one QKV matmul per layer, no Softmax,
-    at most 400 nodes."""
+    at most 400 nodes. OpenVINO: one SDPA per layer reading its KV cache from the model's state,
+    and the plugin's RMS and RoPE fusions (issue 5)."""
     manifest = rt.load(smollm2).manifest
     ops = manifest["graph"]["op_histogram"]
     layers = manifest["model"]["num_layers"]
+    if manifest["target"]["name"] == "openvino":
+        assert ops["ScaledDotProductAttention"] == layers and ops["ReadValue"] == 2 * layers
+        assert manifest["io"]["kv_mode"] == "stateful" and "Softmax" not in ops
+        fused = manifest["target"]["fused_ops"]
+        assert fused["StatefulSDPA"] == layers and fused["MemoryInput"] == 2 * layers
+        assert fused["RMS"] == 2 * layers + 1 and fused["RoPE"] == 2 * layers
+        return
     assert ops["com.microsoft::GroupQueryAttention"] == layers == 30
     assert ops["com.microsoft::SkipSimplifiedLayerNormalization"] == 2 * layers
     assert ops["SimplifiedLayerNormalization"] == 1

@@ -78,6 +78,7 @@ class _Base:
     def __init__(self, directory, manifest: dict, threads: int | None = None, exact=False):
         quantized = bool(manifest.get("quantization"))
         fast = quantized and not exact
+        self.fast_kernels = fast  # decode steps on onnxruntime's int8-activation kernels
         self._sess, self._rescore = _open(
             directory, manifest, threads, 0 if exact and quantized else None, rescore=fast
         )

@@ -29,6 +29,8 @@ def compile_properties(precision: str, threads: int | None) -> dict:
 
 
 class Session:
+    fast_kernels = False  # one set of kernels: verification of the default session covers it
+
     def __init__(
         self,
         directory: str | os.PathLike,
