@@ -13,7 +13,7 @@ import llmc.runtime as rt
 from llmc.artifact import read_manifest
 from llmc.cli import cli
 from tests.conftest import TINY_ARCHS
-from tests.test_tiny_end_to_end import PROMPT, hf_greedy
+from tests.test_tiny_end_to_end import PROMPT, check_batch_equals_rows, hf_greedy
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "build" / "native" / "llmc-run"
@@ -51,14 +51,7 @@ def test_tiny_architecture_is_stateful_fused_and_matches_transformers(
 
 def test_batched_left_padded_rows_and_a_reset_state(ov_artifact):
     gen = rt.load(ov_artifact("llama"))
-    prompts = ["Hello", "Once upon a time there was a lighthouse", "Paris"]
-    config = rt.GenerationConfig(12, ignore_eos=True)
-    batched = list(gen.generate_ids([gen.encode(p) for p in prompts], config))
-    for row, p in enumerate(prompts):
-        single = [int(t[0]) for t in gen.generate_ids([gen.encode(p)], config)]
-        assert [int(step[row]) for step in batched] == single
-    again = list(gen.generate_ids([gen.encode(p) for p in prompts], config))
-    assert [list(map(int, s)) for s in again] == [list(map(int, s)) for s in batched]
+    assert check_batch_equals_rows(gen) == check_batch_equals_rows(gen)  # state reset each time
 
 
 def test_precision_is_exact_by_default_and_bf16_only_when_asked(tmp_path, ov_artifact):
