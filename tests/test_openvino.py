@@ -40,6 +40,10 @@ def test_tiny_architecture_is_stateful_fused_and_matches_transformers(
     if arch != "gpt2":  # gpt2 has LayerNorm and learned positions
         assert fused["RMS"] == 5 and fused["RoPE"] == 4
     gen = rt.load(path)
+    if arch == "llama":  # v into [B, H, S, D] and the output back, per layer: no q/k round trip
+        from llmc.targets.openvino.emit import runtime_ops
+
+        assert runtime_ops(gen.session.compiled)["Transpose"] == 2 * 2
     names = {p.get_any_name() for p in gen.session.compiled.inputs}
     assert names == {"input_ids", "position_ids", "attention_mask", "logits_index", "beam_idx"}
     assert [p.get_any_name() for p in gen.session.compiled.outputs] == ["logits"]

@@ -34,7 +34,50 @@ def lower(graph: Graph):
     program = graph.program
     used = {n.target for n in program.graph.nodes if n.op == "call_function"}
     table = {op: fn for op, fn in decompositions().items() if op in used}
-    return program.run_decompositions(table) if table else program
+    if table:
+        program = program.run_decompositions(table)
+        _cancel_head_round_trips(program.graph_module)
+    return program
+
+
+def _cancel_head_round_trips(module) -> int:
+    """Remove transpose -> flatten -> unflatten -> transpose chains that give back their input.
+
+    transformers hands attention q/k as [B, H, S, D] (after RoPE); the llmc op takes [B, S, H*D]
+    and its SDPA lowering goes back to [B, H, S, D]. The plugin keeps both transposes (two per
+    layer, about 1% of a SmolLM2 decode step)."""
+    import torch
+
+    aten = torch.ops.aten
+
+    def is_swap(node) -> bool:
+        return getattr(node, "target", None) == aten.transpose.int and tuple(
+            sorted(d % 4 for d in node.args[1:3])
+        ) == (1, 2)
+
+    def is_view(node) -> bool:
+        return getattr(node, "target", None) in (aten.view.default, aten.reshape.default)
+
+    done = 0
+    for node in list(module.graph.nodes):
+        if not is_swap(node) or not is_view(unflat := node.args[0]):
+            continue
+        flat = unflat.args[0]
+        if not is_view(flat) or not is_swap(first := flat.args[0]):
+            continue
+        source = first.args[0]
+        val, want = source.meta.get("val"), node.meta.get("val")
+        if val is None or want is None or val.dim() != 4 or want.dim() != 4:
+            continue
+        pairs = zip(val.shape[1::2], want.shape[1::2], strict=True)
+        if not all(isinstance(a, int) and a == b for a, b in pairs):
+            continue  # heads and head_dim must be the same static sizes
+        node.replace_all_uses_with(source)
+        done += 1
+    if done:
+        module.graph.eliminate_dead_code()
+        module.recompile()
+    return done
 
 
 def make_stateful(model, past: list[str], present: list[str]) -> None:
