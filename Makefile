@@ -20,15 +20,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # llmc-run (native/llmc_run.cpp): the C++ runner of OpenVINO artifacts, against the wheel's
-# OpenVINO runtime. Needs cmake and a C++17 compiler.
+# OpenVINO runtime. cmake comes from the dev extra (PyPI); a C++17 compiler must be installed.
 NATIVE := build/native
 OV_CMAKE = $(shell $(BIN)/python -c "import openvino, os; print(os.path.join(os.path.dirname(openvino.__file__), 'cmake'))")
 
 native: $(NATIVE)/llmc-run
 
 $(NATIVE)/llmc-run: $(STAMP) CMakeLists.txt native/llmc_run.cpp
-	cmake -S . -B $(NATIVE) -DOpenVINO_DIR=$(OV_CMAKE) -DCMAKE_BUILD_TYPE=Release > /dev/null
-	cmake --build $(NATIVE) --parallel 2
+	$(BIN)/cmake -S . -B $(NATIVE) -DOpenVINO_DIR=$(OV_CMAKE) -DCMAKE_BUILD_TYPE=Release > /dev/null
+	$(BIN)/cmake --build $(NATIVE) --parallel 2
 
 test: $(STAMP) native
 	$(BIN)/python -m pytest -q -ra
