@@ -15,11 +15,13 @@ def load(
     threads: int | None = None,
     check: bool = True,
     huge_pages: bool = True,
+    **session_options,
 ) -> Generator:
     """Open an artifact: check its manifest and checksums, start its target's session.
 
     huge_pages: back the loaded weights with transparent huge pages where Linux allows it
-    (faster decode; see runtime/memory.py)."""
+    (faster decode; see runtime/memory.py). session_options go to the target's session, e.g.
+    OpenVINO's `precision="bf16"` or `static_decode=False` (targets/openvino/session.py)."""
     from llmc.artifact import read_manifest
     from llmc.errors import ArtifactError
     from llmc.runtime.tokenizer import Tokenizer
@@ -38,7 +40,7 @@ def load(
             f"running a {name} artifact needs {', '.join(missing)}; `{info.install}`."
         )
     _check_toolchain(directory, manifest, info.runtime)
-    session = info.session_class()(directory, manifest, threads=threads)
+    session = info.session_class()(directory, manifest, threads=threads, **session_options)
     if huge_pages:
         from llmc.runtime.memory import use_huge_pages
 

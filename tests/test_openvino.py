@@ -58,6 +58,26 @@ def test_batched_left_padded_rows_and_a_reset_state(ov_artifact):
     assert check_batch_equals_rows(gen) == check_batch_equals_rows(gen)  # state reset each time
 
 
+def test_static_decode_model_computes_the_dynamic_models_logits(ov_artifact):
+    import numpy as np
+
+    path = ov_artifact("qwen2")
+    static, dynamic = (rt.load(path, static_decode=s).session for s in (True, False))
+    assert static.static_decode and not static._decoders.keys() - {1}  # batch 1 compiled at load
+    rows = np.array([[5, 9, 2, 7], [3, 3, 8, 1]])
+    mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1]])  # a left-padded row
+    for session in (static, dynamic):
+        session.logits = [session.prefill(rows, mask)]
+        session.logits += [session.decode(np.array([[t], [t + 1]])) for t in (4, 11, 6)]
+    assert 2 in static._decoders and static._live is static._decoders[2]
+    assert dynamic._live is dynamic._request and not dynamic._decoders
+    for a, b in zip(static.logits, dynamic.logits, strict=True):
+        np.testing.assert_array_equal(a, b)  # same kernels, other shapes: bit-identical
+    # a new sequence starts from the dynamic model's empty state again
+    np.testing.assert_array_equal(static.prefill(rows, mask), static.logits[0])
+    assert static._live is static._request
+
+
 def test_precision_is_exact_by_default_and_bf16_only_when_asked(tmp_path, ov_artifact):
     session = rt.load(ov_artifact("llama")).session
     for hint in ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION"):

@@ -3,7 +3,15 @@
 The KV cache is the compiled model's state (`stateful` KV mode): one infer request per session,
 `reset_state()` at the start of every sequence, `beam_idx` = the rows in order. Precision is
 explicit: an fp32 artifact runs with f32 inference and an f32 KV cache unless the caller asks for
-bf16, because this CPU plugin otherwise computes "fp32" models in bf16 with a u8/f16 cache."""
+bf16, because this CPU plugin otherwise computes "fp32" models in bf16 with a u8/f16 cache.
+
+Static decode: the artifact's model has dynamic shapes (any batch, any number of new tokens), and
+the CPU plugin then infers shapes and plans memory on every call. A decode step always feeds one
+token per row, so the session also compiles a copy of the model reshaped to exactly that
+(`input_ids` [B, 1]; only the context length stays dynamic) and moves the KV state into it after
+the prefill. Measured on SmolLM2-135M here, a decode step is 10% (fp32) to 16% (int8) faster, and
+the logits are bit-identical. The price is a second compiled copy of the weights (+550 MB for fp32
+SmolLM2), so by default it is on only where that fits easily in free memory (`static_decode`)."""
 
 from __future__ import annotations
 
@@ -19,6 +27,25 @@ PRECISIONS = {
     "f32": {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"},
     "bf16": {"INFERENCE_PRECISION_HINT": "bf16"},
 }
+
+
+def _free_memory() -> int | None:
+    """MemAvailable in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def static_decode_fits(weights_bytes: int) -> bool:
+    """Whether a second compiled copy of the weights leaves plenty of memory (the copy takes up
+    to twice the compressed weights' size: the plugin repacks them)."""
+    free = _free_memory()
+    return free is None or 4 * weights_bytes < free
 
 
 def compile_properties(precision: str, threads: int | None) -> dict:
@@ -38,6 +65,7 @@ class Session:
         threads: int | None = None,
         exact: bool = False,
         precision: str | None = None,
+        static_decode: bool | None = None,
     ):
         import openvino as ov
 
@@ -46,19 +74,48 @@ class Session:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         core = ov.Core()
-        model = core.read_model(str(Path(directory) / target["files"]["model"]))
-        self.compiled = core.compile_model(
-            model, "CPU", compile_properties(self.precision, threads)
-        )
+        xml = Path(directory) / target["files"]["model"]
+        self._core, self._model = core, core.read_model(str(xml))
+        self._properties = compile_properties(self.precision, threads)
+        self.compiled = core.compile_model(self._model, "CPU", self._properties)
         self._request = self.compiled.create_infer_request()
         self.max_context = int(manifest["io"]["max_context"])
         self.vocab_size = int(manifest["model"]["vocab_size"])
         self._inputs = {p.get_any_name() for p in self.compiled.inputs}
         self._positions = PositionTracker(self.max_context)
+        if static_decode is None:
+            static_decode = static_decode_fits(xml.with_suffix(".bin").stat().st_size)
+        self.static_decode = static_decode
+        self._decoders: dict[int, object] = {}  # batch size -> infer request of the static model
+        self._live = self._request  # the request that holds this sequence's KV cache
+        if static_decode:
+            self._decoder(1)  # compile now: the first decode step must not pay for it
+
+    def _decoder(self, batch: int):
+        """The infer request of the model reshaped for `batch` rows of one new token each."""
+        if batch not in self._decoders:
+            import openvino as ov
+
+            fixed = {"input_ids": [batch, 1], "position_ids": [batch, 1], "beam_idx": [batch]}
+            fixed["logits_index"], fixed["attention_mask"] = [1], [batch, -1]
+            model = self._model.clone()
+            model.reshape({p: ov.PartialShape(fixed[p.get_any_name()]) for p in model.inputs})
+            compiled = self._core.compile_model(model, "CPU", self._properties)
+            self._decoders[batch] = compiled.create_infer_request()
+        return self._decoders[batch]
+
+    def _use(self, request) -> None:
+        """Make `request` the one holding the KV cache, moving the state over if needed."""
+        if request is not self._live:
+            states = {s.name: s.state for s in self._live.query_state()}
+            for state in request.query_state():
+                state.state = states[state.name]
+            self._live = request
 
     def reset(self) -> None:
         self._positions.reset()
         self._request.reset_state()
+        self._live = self._request
 
     def prefill(self, ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         self.reset()
@@ -84,5 +141,9 @@ class Session:
             "logits_index": index.astype(np.int64),
             "beam_idx": np.arange(ids.shape[0], dtype=np.int32),
         }
-        self._request.infer({k: v for k, v in feeds.items() if k in self._inputs})
-        return self._request.get_tensor("logits").data.copy()  # [B, S or 1, V]
+        request = self._request
+        if self.static_decode and ids.shape[1] == 1 and not all_positions and mask.shape[1] > 1:
+            request = self._decoder(ids.shape[0])
+        self._use(request)
+        request.infer({k: v for k, v in feeds.items() if k in self._inputs}, share_inputs=True)
+        return request.get_tensor("logits").data.copy()  # [B, S or 1, V]
