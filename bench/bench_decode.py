@@ -42,9 +42,8 @@ def _long_prompt(encode) -> list[int]:
 def run_llmc(artifact: str, threads: int, runs: int, hint: str | None = None) -> dict:
     import llmc.runtime as rt
 
-    gen = rt.load(artifact, threads=threads)
-    if hint and hint != gen.session.precision:  # an OpenVINO artifact at another precision
-        gen.session = type(gen.session)(artifact, gen.manifest, threads, precision=hint)
+    options = {"precision": hint} if hint else {}  # OpenVINO: the compute precision
+    gen = rt.load(artifact, threads=threads, **options)
     ids = gen.encode(PROMPT, chat=True)
     long_ids = _long_prompt(lambda t: gen.tokenizer.encode(t, add_special_tokens=False))
 
