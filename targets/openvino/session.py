@@ -1,9 +1,10 @@
 """Runtime session for OpenVINO artifacts (numpy in, numpy out; no torch).
 
-The KV cache is the compiled model's state (`stateful` KV mode): one infer request per session,
-`reset_state()` at the start of every sequence, `beam_idx` = the rows in order. Precision is
-explicit: an fp32 artifact runs with f32 inference and an f32 KV cache unless the caller asks for
-bf16, because this CPU plugin otherwise computes "fp32" models in bf16 with a u8/f16 cache.
+The KV cache is the compiled model's state (`stateful` KV mode), held by the infer request that
+runs the step; `reset_state()` at the start of every sequence, `beam_idx` = the rows in order.
+Precision is explicit: an fp32 artifact runs with f32 inference and an f32 KV cache unless the
+caller asks for bf16, because this CPU plugin otherwise computes "fp32" models in bf16 with a
+u8/f16 cache.
 
 Static decode: the artifact's model has dynamic shapes (any batch, any number of new tokens), and
 the CPU plugin then infers shapes and plans memory on every call. A decode step always feeds one
@@ -96,8 +97,13 @@ class Session:
         if batch not in self._decoders:
             import openvino as ov
 
-            fixed = {"input_ids": [batch, 1], "position_ids": [batch, 1], "beam_idx": [batch]}
-            fixed["logits_index"], fixed["attention_mask"] = [1], [batch, -1]
+            fixed = {
+                "input_ids": [batch, 1],
+                "position_ids": [batch, 1],
+                "attention_mask": [batch, -1],  # the context length stays dynamic
+                "logits_index": [1],
+                "beam_idx": [batch],
+            }
             model = self._model.clone()
             model.reshape({p: ov.PartialShape(fixed[p.get_any_name()]) for p in model.inputs})
             compiled = self._core.compile_model(model, "CPU", self._properties)
@@ -142,7 +148,8 @@ class Session:
             "beam_idx": np.arange(ids.shape[0], dtype=np.int32),
         }
         request = self._request
-        if self.static_decode and ids.shape[1] == 1 and not all_positions and mask.shape[1] > 1:
+        decode_step = ids.shape[1] == 1 and not all_positions and mask.shape[1] > 1
+        if self.static_decode and decode_step:  # one new token per row after the prefill
             request = self._decoder(ids.shape[0])
         self._use(request)
         request.infer({k: v for k, v in feeds.items() if k in self._inputs}, share_inputs=True)
