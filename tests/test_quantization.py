@@ -288,8 +288,13 @@ def test_quantized_artifact_is_exact_against_its_graph(quant, extra, tmp_path):
 
 def check_rescorer_rows(out, manifest):
     """The fast decode session rescores its top logits from the lm_head rows it reads out of
-    onnxruntime's layout: they must be the model's lm_head, rounded to its 8-bit grid."""
+    onnxruntime's layout: they must be the model's lm_head, rounded to its 8-bit grid. Its own
+    lm_head is a 4-bit copy of those rows, within half a 4-bit step of them."""
+    import onnx
+    from onnx import helper, numpy_helper
+
     from llmc.compiler import tiny
+    from llmc.targets.onnx.rescore import TOP, LmHeadRescorer
     from llmc.targets.onnx.session import Session
 
     session = Session(out, manifest)
@@ -300,13 +305,29 @@ def check_rescorer_rows(out, manifest):
     step = np.repeat(rescore.scales, rescore.block, 1)[:, : w.shape[1]]
     assert rows.shape == w.shape and np.all(np.abs(rows - w) <= 0.5 * step + 1e-6)
     h = np.random.default_rng(0).standard_normal((1, w.shape[1])).astype(np.float32)
-    logits = (h @ w.T).astype(np.float32) + 1.0  # rescoring replaces exactly the top 16
+    logits = (h @ w.T).astype(np.float32) + 1.0  # rescoring replaces exactly the top TOP
     before = logits.copy()
     rescore(logits, h)
-    top = np.argsort(before[0])[-16:]
+    top = np.argsort(before[0])[-TOP:]
     assert np.allclose(logits[0, top], rows[top] @ h[0], atol=1e-5)
     rest = np.setdiff1d(np.arange(w.shape[0]), top)
     assert np.array_equal(logits[0, rest], before[0, rest])
+
+    model = onnx.load(str(out / manifest["target"]["files"]["model"]), load_external_data=False)
+    LmHeadRescorer.attach(model, out, w.shape[0])
+    head = next(
+        n
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits"
+        and {a.name: helper.get_attribute_value(a) for a in n.attribute}["N"] == w.shape[0]
+    )
+    assert {a.name: a.i for a in head.attribute}["bits"] == 4 and len(head.input) == 3
+    inits = {t.name: t for t in model.graph.initializer}
+    codes = numpy_helper.to_array(inits[head.input[1]]).reshape(w.shape[0], -1)
+    scales = numpy_helper.to_array(inits[head.input[2]]).reshape(w.shape[0], -1)
+    q = np.stack([codes & 15, codes >> 4], -1).reshape(w.shape).astype(np.float32) - 8
+    step4 = np.repeat(scales, w.shape[1] // scales.shape[1], 1)
+    assert np.all(np.abs(q * step4 - rows) <= 0.5 * step4 + 1e-6)
 
 
 def test_gridded_model_builds_without_quantization_loss(tmp_path, tiny_model):
