@@ -38,12 +38,13 @@ def _unshare(model, inits: dict) -> None:
     """Give every quantized node its own copy of an initializer another node also reads (the
     exporter merges equal tensors: a tied embedding's and lm_head's codes and scales), since the
     two kernels store it differently."""
+    quantized = ("MatMulNBits", "GatherBlockQuantized")
     users: dict[str, int] = {}
     for node in model.graph.node:
-        for name in node.input:
+        for name in node.input if node.op_type in quantized else ():
             users[name] = users.get(name, 0) + 1
     for i, node in enumerate(model.graph.node):
-        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+        if node.op_type not in quantized:
             continue
         for j, name in enumerate(node.input):
             if name in inits and users[name] > 1:
@@ -55,12 +56,77 @@ def _unshare(model, inits: dict) -> None:
                 users[name] -= 1
 
 
+def _reshape_tied_table(model, inits: dict) -> int:
+    """Store a tied 8-bit table once. The quantization pass gives the embedding and the lm_head
+    their own codes; for a tied table without zero points they are equal, and MatMulNBits'
+    [N, K/b, b] codes and flat scales hold the same bytes as GatherBlockQuantized's [N, K]
+    codes and [N, K/b] scales. The gather then reads the lm_head's tensors through Reshape
+    nodes (onnxruntime folds them at load) instead of a copy on disk (32 MB for SmolLM2).
+    Returns the gathers rewired."""
+    from onnx import helper, numpy_helper
+
+    def attrs(node):
+        return {x.name: helper.get_attribute_value(x) for x in node.attribute}
+
+    def plain(node, first_optional: int) -> bool:
+        return not any(node.input[first_optional:])
+
+    def array(name):
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    heads = [
+        n
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits" and attrs(n)["bits"] == 8 and plain(n, 3)
+    ]
+    users: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    rewired, reshapes = 0, []
+    for node in model.graph.node:
+        a = attrs(node)
+        if node.op_type != "GatherBlockQuantized" or a.get("bits") != 8 or not plain(node, 3):
+            continue
+        data, scales = array(node.input[0]), array(node.input[2])
+        for head in heads:
+            h = attrs(head)
+            if h["block_size"] != a["block_size"] or data is None or scales is None:
+                continue
+            if _block(h["K"], h["block_size"]) != h["block_size"]:
+                continue
+            codes, head_scales = array(head.input[1]), array(head.input[2])
+            if codes is None or codes.shape != data.shape or head_scales.shape != scales.shape:
+                continue
+            if not (np.array_equal(codes, data) and np.array_equal(head_scales, scales)):
+                continue
+            for j, source in ((0, head.input[1]), (2, head.input[2])):
+                shape = f"{source}__gather_shape"
+                target = numpy_helper.from_array(
+                    np.array(data.shape if j == 0 else scales.shape, np.int64), shape
+                )
+                model.graph.initializer.append(target)
+                inits[shape] = model.graph.initializer[-1]
+                reshapes.append(helper.make_node("Reshape", [source, shape], [f"{source}__gather"]))
+                old = node.input[j]
+                node.input[j] = f"{source}__gather"
+                users[old] -= 1
+                if users[old] == 0:
+                    model.graph.initializer.remove(inits.pop(old))
+            rewired += 1
+            break
+    for i, node in enumerate(reshapes):
+        model.graph.node.insert(i, node)
+    return rewired
+
+
 def apply(model) -> int:
     """Rewrite the quantized weights of `model` (an onnx ModelProto with its initializers
     loaded) in place; return how many nodes were adapted."""
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
+    _reshape_tied_table(model, inits)
     _unshare(model, inits)
 
     def get(name):
