@@ -7,7 +7,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +84,20 @@ def check_files_match(directory: Path, manifest: dict) -> None:
 
 
 @contextlib.contextmanager
+def interrupts_ignored() -> Iterator[None]:
+    """Ctrl-C is ignored inside (on the main thread): a second one, pressed while the first is
+    being cleaned up after, must not leave half a directory behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; on success rename it into place, otherwise delete it.
 
@@ -93,7 +109,8 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     try:
         yield tmp
     except BaseException:  # includes KeyboardInterrupt: nothing half-written stays on disk
-        shutil.rmtree(tmp, ignore_errors=True)
+        with interrupts_ignored():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
     if final.exists():
