@@ -162,6 +162,9 @@ def test_interrupt_during_build_leaves_nothing(tmp_path):
         except subprocess.TimeoutExpired:
             pass
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    # 130, or killed by SIGINT (a shell shows 130 for both): once the interpreter finalizes it
+    # puts SIGINT back to its default action, so a press during a slow shutdown ends the process
+    # after it has cleaned up and said so (seen in a clean-clone CI run)
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert "interrupted; nothing was written." in err
     assert_nothing_written(out)
