@@ -7,13 +7,12 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from llmc.errors import ArtifactError
+from llmc.interrupts import interrupts_ignored
 
 MANIFEST = "llmc.json"
 FORMAT_VERSION = 1
@@ -81,20 +80,6 @@ def check_files_match(directory: Path, manifest: dict) -> None:
                 f"{directory}/{rel} does not match its checksum (modified or corrupt); "
                 "rebuild the artifact."
             )
-
-
-@contextlib.contextmanager
-def interrupts_ignored() -> Iterator[None]:
-    """Ctrl-C is ignored inside (on the main thread): a second one, pressed while the first is
-    being cleaned up after, must not leave half a directory behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

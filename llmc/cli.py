@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import click
 
 from llmc.config import BuildConfig
 from llmc.errors import LlmcError, QualityGateError, VerificationError
+from llmc.interrupts import CtrlC
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_VERIFY, EXIT_INTERRUPT = 0, 1, 2, 3, 130
 
@@ -31,7 +30,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         debug = ctx.params.get("debug") or "--debug" in sys.argv
-        ctrl_c = _CtrlC()
+        ctrl_c = CtrlC()
         try:
             return super().invoke(ctx)
         except LlmcError as exc:
@@ -40,16 +39,13 @@ class _Group(click.Group):
             _fail(f"quality gate failed: {exc}", EXIT_VERIFY, debug)
         except VerificationError as exc:
             _fail(f"verification failed: {exc}", EXIT_VERIFY, debug)
-        except KeyboardInterrupt:
-            ctrl_c.exiting()
-            _fail("interrupted; nothing was written.", EXIT_INTERRUPT, debug)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
-        except Exception as exc:  # an llmc bug: say so, keep the traceback behind --debug
-            if ctrl_c.seen:  # a Ctrl-C that a library turned into its own error
+        except (KeyboardInterrupt, Exception) as exc:
+            if isinstance(exc, KeyboardInterrupt) or ctrl_c.seen:  # or a library error it caused
                 ctrl_c.exiting()
                 _fail("interrupted; nothing was written.", EXIT_INTERRUPT, debug)
-            _fail(
+            _fail(  # an llmc bug: say so, keep the traceback behind --debug
                 f"internal error: {type(exc).__name__}: {exc} (re-run with --debug for the "
                 "traceback and report it)",
                 EXIT_INTERNAL,
@@ -57,33 +53,6 @@ class _Group(click.Group):
             )
         finally:
             ctrl_c.restore()
-
-
-class _CtrlC:
-    """Ctrl-C as the CLI sees it (main thread only). It remembers a press, because some code
-    turns the KeyboardInterrupt into its own error: a C extension whose import it cuts short
-    raises ImportError. Once the CLI exits for one, further presses are ignored, so that the
-    clean-up and the exit finish (a press during interpreter shutdown kills the process by
-    signal instead of exit code 130)."""
-
-    def __init__(self):
-        self.seen = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._pressed)
-
-    def _pressed(self, signum, frame):
-        self.seen = True
-        raise KeyboardInterrupt
-
-    def exiting(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            self._previous = None
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def _fail(message: str, code: int, debug: bool):

@@ -56,68 +56,55 @@ def _unshare(model, inits: dict) -> None:
                 users[name] -= 1
 
 
-def _reshape_tied_table(model, inits: dict) -> int:
+def _reshape_tied_table(model, inits: dict) -> None:
     """Store a tied 8-bit table once. The quantization pass gives the embedding and the lm_head
     their own codes; for a tied table without zero points they are equal, and MatMulNBits'
     [N, K/b, b] codes and flat scales hold the same bytes as GatherBlockQuantized's [N, K]
     codes and [N, K/b] scales. The gather then reads the lm_head's tensors through Reshape
-    nodes (onnxruntime folds them at load) instead of a copy on disk (32 MB for SmolLM2).
-    Returns the gathers rewired."""
+    nodes (onnxruntime folds them at load) instead of a copy on disk (32 MB for SmolLM2)."""
     from onnx import helper, numpy_helper
 
-    def attrs(node):
-        return {x.name: helper.get_attribute_value(x) for x in node.attribute}
-
-    def plain(node, first_optional: int) -> bool:
-        return not any(node.input[first_optional:])
+    def plain_8bit(node, op: str) -> dict | None:
+        """The attributes of an `op` node with 8-bit codes and no optional inputs, else None."""
+        if node.op_type != op or any(node.input[3:]):
+            return None
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        return a if a.get("bits") == 8 else None
 
     def array(name):
         return numpy_helper.to_array(inits[name]) if name in inits else None
 
-    heads = [
-        n
-        for n in model.graph.node
-        if n.op_type == "MatMulNBits" and attrs(n)["bits"] == 8 and plain(n, 3)
-    ]
-    users: dict[str, int] = {}
+    heads = []  # (codes, scales, block) of each 8-bit lm_head-like matmul onnxruntime keeps as is
     for node in model.graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
-    rewired, reshapes = 0, []
+        a = plain_8bit(node, "MatMulNBits")
+        if a and _block(a["K"], a["block_size"]) == a["block_size"]:
+            heads.append((node.input[1], node.input[2], a["block_size"]))
+    reshapes = []
     for node in model.graph.node:
-        a = attrs(node)
-        if node.op_type != "GatherBlockQuantized" or a.get("bits") != 8 or not plain(node, 3):
+        a = plain_8bit(node, "GatherBlockQuantized")
+        if a is None:
             continue
         data, scales = array(node.input[0]), array(node.input[2])
-        for head in heads:
-            h = attrs(head)
-            if h["block_size"] != a["block_size"] or data is None or scales is None:
-                continue
-            if _block(h["K"], h["block_size"]) != h["block_size"]:
-                continue
-            codes, head_scales = array(head.input[1]), array(head.input[2])
-            if codes is None or codes.shape != data.shape or head_scales.shape != scales.shape:
-                continue
-            if not (np.array_equal(codes, data) and np.array_equal(head_scales, scales)):
-                continue
-            for j, source in ((0, head.input[1]), (2, head.input[2])):
-                shape = f"{source}__gather_shape"
-                target = numpy_helper.from_array(
-                    np.array(data.shape if j == 0 else scales.shape, np.int64), shape
-                )
-                model.graph.initializer.append(target)
-                inits[shape] = model.graph.initializer[-1]
-                reshapes.append(helper.make_node("Reshape", [source, shape], [f"{source}__gather"]))
-                old = node.input[j]
-                node.input[j] = f"{source}__gather"
-                users[old] -= 1
-                if users[old] == 0:
-                    model.graph.initializer.remove(inits.pop(old))
-            rewired += 1
-            break
+        for codes, head_scales, block in heads:
+            if block == a["block_size"] and all(
+                x is not None and y is not None and np.array_equal(x, y)  # shapes too
+                for x, y in ((data, array(codes)), (scales, array(head_scales)))
+            ):
+                for j, source, like in ((0, codes, data), (2, head_scales, scales)):
+                    shape = numpy_helper.from_array(np.array(like.shape, np.int64), source + "__2d")
+                    model.graph.initializer.append(shape)
+                    reshapes.append(
+                        helper.make_node("Reshape", [source, shape.name], [source + "__gather"])
+                    )
+                    node.input[j] = source + "__gather"
+                break
     for i, node in enumerate(reshapes):
         model.graph.node.insert(i, node)
-    return rewired
+    used = {name for node in model.graph.node for name in node.input}
+    used |= {output.name for output in model.graph.output}
+    for tensor in [t for t in model.graph.initializer if t.name not in used]:
+        model.graph.initializer.remove(tensor)  # the gather's own copy
+        inits.pop(tensor.name, None)
 
 
 def apply(model) -> int:
