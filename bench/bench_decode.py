@@ -39,11 +39,11 @@ def _long_prompt(encode) -> list[int]:
     return encode(text[:20000])[:TTFT_TOKENS]
 
 
-def run_llmc(artifact: str, threads: int, runs: int, hint: str | None = None) -> dict:
+def run_llmc(artifact: str, threads: int, runs: int, hint: str | None, exact: bool) -> dict:
     import llmc.runtime as rt
 
     options = {"precision": hint} if hint else {}  # OpenVINO: the compute precision
-    gen = rt.load(artifact, threads=threads, **options)
+    gen = rt.load(artifact, threads=threads, exact=exact, **options)
     ids = gen.encode(PROMPT, chat=True)
     long_ids = _long_prompt(lambda t: gen.tokenizer.encode(t, add_special_tokens=False))
 
@@ -55,7 +55,7 @@ def run_llmc(artifact: str, threads: int, runs: int, hint: str | None = None) ->
             tokens.append(int(step[0]))
         return start, stamps, tokens
 
-    return _measure(timed, ids, long_ids, runs)
+    return {**_measure(timed, ids, long_ids, runs), "kernels": gen.session.fast_kernels or "exact"}
 
 
 def _measure(timed, ids, long_ids, runs: int) -> dict:
@@ -161,17 +161,22 @@ def run_ort_genai(model_dir: str, artifact: str, threads: int, runs: int) -> dic
     return result
 
 
-def run_ov_genai(model_dir: str, artifact: str, threads: int, runs: int, hint: str):
+def run_ov_genai(model_dir: str, artifact: str, threads: int, runs: int, hint: str, exact: bool):
     """openvino_genai.LLMPipeline, stateful SDPA backend, prefix caching off, at the compute
-    precision `hint` (f32: exact inference and KV cache, as llmc's OpenVINO artifacts run by
-    default; bf16: OpenVINO's own default on this CPU)."""
+    precision `hint` (f32: f32 inference and KV cache, as llmc's OpenVINO artifacts run by
+    default; bf16: OpenVINO's own default on this CPU). Dynamic quantization (int8 activations
+    into compressed-weight matmuls) is the plugin's default unless `exact` turns it off."""
     import numpy as np
+    import openvino as ov
     import openvino_genai as ov_genai
 
     props = {"ATTENTION_BACKEND": "SDPA", "INFERENCE_NUM_THREADS": threads}
     props |= {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
     if hint == "f32":
         props |= {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+    group = 0 if exact else ov.Core().get_property("CPU", "DYNAMIC_QUANTIZATION_GROUP_SIZE")
+    props |= {"DYNAMIC_QUANTIZATION_GROUP_SIZE": group} if exact else {}
+    kernels = f"dynamic quantization: int8 activations in groups of {group}" if group else "exact"
     pipe = ov_genai.LLMPipeline(model_dir, "CPU", **props)
     ids, long_ids = _prompts(artifact)
 
@@ -203,8 +208,7 @@ def run_ov_genai(model_dir: str, artifact: str, threads: int, runs: int, hint: s
         return start, stamps.times, stamps.tokens
 
     result = _measure(timed, ids, long_ids, runs)
-    result["version"] = ov_genai.__version__
-    return result
+    return {**result, "version": ov_genai.__version__, "kernels": kernels}
 
 
 def _child(engine: str, args, python: str | None = None, extra: list[str] = ()) -> dict:
@@ -264,6 +268,12 @@ def main():
         default="f32",
         help="openvino: the compute precision of both engines (f32: exact, llmc's default).",
     )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="Exact kernels: llmc's exact=True, and OpenVINO GenAI without dynamic quantization "
+        "(default: each engine's default kernels; the JSON says which each ran).",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3, help="Rounds (one process per engine).")
     parser.add_argument("--runs-per-child", type=int, default=1, help=argparse.SUPPRESS)
@@ -274,9 +284,7 @@ def main():
         help=argparse.SUPPRESS,
     )
     parser.add_argument("--ref-model", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--skip-transformers", action="store_true", help="Leave transformers eager out."
-    )
+    parser.add_argument("--skip-transformers", action="store_true", help="No transformers eager.")
     parser.add_argument("--json", type=Path, help="Also write the result to this file.")
     args = parser.parse_args()
     if args.artifact is None:
@@ -285,12 +293,12 @@ def main():
     if args.engine:  # child process: one engine, one JSON line
         if args.engine == "llmc":
             hint = args.ov_hint if args.target == "openvino" else None
-            result = run_llmc(args.artifact, args.threads, args.runs, hint)
+            result = run_llmc(args.artifact, args.threads, args.runs, hint, args.exact)
         elif args.engine == "ort-genai":
             result = run_ort_genai(args.ref_model, args.artifact, args.threads, args.runs)
         elif args.engine == "ov-genai":
             model, hint = args.ref_model, args.ov_hint
-            result = run_ov_genai(model, args.artifact, args.threads, args.runs, hint)
+            result = run_ov_genai(model, args.artifact, args.threads, args.runs, hint, args.exact)
         else:
             result = run_transformers(args.threads, args.runs)
         print(json.dumps(result))
@@ -303,7 +311,7 @@ def main():
     build.setdefault("build_s", manifest["build"]["seconds"])
     size = sum(f["size"] for f in manifest["files"].values()) / 1e6
     ours_name = f"llmc-{args.target}"
-    extra = ["--target", args.target, "--ov-hint", args.ov_hint]
+    extra = ["--target", args.target, "--ov-hint", args.ov_hint, *(["--exact"] * args.exact)]
     children = {ours_name: lambda: _child("llmc", args, extra=extra)}
     if args.target == "onnx":
         python = reference_env()

@@ -115,7 +115,17 @@ def verify(
     decode_steps: int = 8,
     texts: tuple[str, ...] = PROMPTS,
 ) -> VerifyResult:
-    """Teacher-forced comparison: both sides get PyTorch's greedy token at every step."""
+    """Teacher-forced comparison: both sides get PyTorch's greedy token at every step. PyTorch's
+    own fp32 matmuls are held at full precision (no TF32/bf16 shortcuts on CPUs that offer them)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return _verify(reference, session, prompts, tolerance, decode_steps, texts)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _verify(reference, session, prompts, tolerance, decode_steps, texts) -> VerifyResult:
     result = VerifyResult(
         tolerance=tolerance,
         prompts=list(texts),

@@ -15,6 +15,7 @@ from llmc import __version__
 from llmc.artifact import MANIFEST, atomic_directory, read_manifest, write_manifest
 from llmc.config import DEFAULT_ARTIFACTS, BuildConfig
 from llmc.errors import LlmcError, QualityGateError, VerificationError
+from llmc.host import host_cpu
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,8 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
             if fast is not None:
                 manifest["verification"]["fast_kernels"] = fast
                 progress.note(
-                    f"fast decode kernels (int8 activations): max |Δlogits| "
-                    f"{fast['max_abs_diff']:.2e}, greedy "
-                    f"{fast['greedy_agreement']}/{fast['steps_compared']}"
+                    f"fast kernels ({fast['kernels']}): max |Δlogits| {fast['max_abs_diff']:.2e}, "
+                    f"greedy {fast['greedy_agreement']}/{fast['steps_compared']}"
                 )
             progress.note(f"verification: {result.summary()}")
             if not result.passed:
@@ -170,10 +170,11 @@ def _verify(config, source, loaded, target, directory: Path, graph=None):
     result = verify(GraphReference(graph, capacity), exact, prompts, tolerance, steps)
     del exact
     fast = target.session_class()(directory, manifest)
-    if not getattr(fast, "fast_kernels", False):  # the default session is the exact one
+    if not fast.fast_kernels:  # the default session is the exact one
         return result, None
     decode = verify(GraphReference(graph, capacity), fast, prompts, tolerance, steps)
     return result, {
+        "kernels": fast.fast_kernels,
         "max_abs_diff": decode.max_abs_diff,
         "greedy_agreement": decode.greedy_agreement,
         "steps_compared": decode.steps_compared,
@@ -231,36 +232,44 @@ def _calibration(config, tokenizer, max_context: int) -> dict:
 
 
 def _evaluate(config, loaded, target, directory: Path) -> dict:
-    """The artifact's perplexity and the fp32 PyTorch model's, on the same windows."""
+    """The artifact's perplexity (its default session: what users run, and what the gate judges)
+    and the fp32 PyTorch model's, on the same windows; where the default session scores text on
+    fast kernels, the exact kernels' perplexity too."""
     from llmc.evaluate import TorchScorer, evaluate_session
 
-    session = target.session_class()(directory, read_manifest(directory, check_files=False))
+    manifest = read_manifest(directory, check_files=False)
+    session = target.session_class()(directory, manifest)
     tok = loaded.tokenizer
 
     def encode(text: str) -> list[int]:
         return tok(text, verbose=False)["input_ids"]
 
-    ours = evaluate_session(
-        session,
-        encode,
-        config.eval_file,
-        max_tokens=config.eval_tokens,
-        reference=TorchScorer(loaded.model),
-    )
+    def measure(session, reference=None) -> dict:
+        tokens = config.eval_tokens
+        return evaluate_session(
+            session, encode, config.eval_file, max_tokens=tokens, reference=reference
+        )
+
+    ours = measure(session, TorchScorer(loaded.model))
     reference = ours.pop("reference_perplexity")
-    increase = ours["perplexity"] / reference - 1
-    return {
+    entry = {
         **ours,
         "reference": {"engine": "pytorch-fp32", "perplexity": reference},
-        "increase": increase,
+        "increase": ours["perplexity"] / reference - 1,
         "max_increase": config.max_ppl_increase,
     }
+    if getattr(session, "fast_prompts", False):
+        del session
+        exact = measure(target.session_class()(directory, manifest, exact=True))["perplexity"]
+        entry["exact"] = {"perplexity": exact, "increase": exact / reference - 1}
+    return entry
 
 
 def _describe_evaluation(e: dict) -> str:
+    exact = f"; exact kernels {e['exact']['increase']:+.2%}" if "exact" in e else ""
     return (
         f"perplexity {e['perplexity']:.3f} on {e['tokens']} tokens of {e['file']} "
-        f"(fp32 PyTorch {e['reference']['perplexity']:.3f}, {e['increase']:+.2%})"
+        f"(fp32 PyTorch {e['reference']['perplexity']:.3f}, {e['increase']:+.2%}{exact})"
     )
 
 
@@ -347,5 +356,9 @@ def _manifest(config, source, spec, graph, emitted, reports, loaded) -> dict:
                 k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)
             },
         },
-        "build": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": None},
+        "build": {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": None,
+            "host": host_cpu(),  # the kernels verification ran on depend on it
+        },
     }

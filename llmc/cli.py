@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from llmc.cli_run import evaluate, run
 from llmc.config import BuildConfig
 from llmc.errors import LlmcError, QualityGateError, VerificationError
 from llmc.interrupts import CtrlC
@@ -224,66 +225,6 @@ def build(max_ppl_increase, **flags):
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.argument("prompt")
-@click.option(
-    "--chat", is_flag=True, help="Wrap PROMPT in the model's chat template as a user turn."
-)
-@click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--temperature",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="0 is greedy decoding.",
-)
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 is off.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option(
-    "--repetition-penalty",
-    default=1.0,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-)
-@click.option("--seed", type=int, help="Seed for sampling (reproducible output).")
-@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
-@click.option(
-    "--threads", type=click.IntRange(min=1), help="Intra-op threads (default: all cores)."
-)
-def run(
-    artifact,
-    prompt,
-    chat,
-    max_new_tokens,
-    temperature,
-    top_k,
-    top_p,
-    repetition_penalty,
-    seed,
-    stop,
-    threads,
-):
-    """Generate text from PROMPT with ARTIFACT, streaming it to stdout."""
-    import llmc.runtime as rt
-
-    gen = rt.load(artifact, threads=threads)
-    for piece in gen.stream(
-        prompt,
-        chat=chat,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        stop=stop,
-    ):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-
-
-@cli.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def inspect(artifact, as_json):
     """Summarize ARTIFACT: model, target, sizes, op histogram, pass reports, verification."""
@@ -323,59 +264,6 @@ def _fraction(text: str | None) -> float | None:
     return value
 
 
-@cli.command("eval")
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option(
-    "--perplexity",
-    "text",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="UTF-8 text file to score.",
-)
-@click.option(
-    "--window",
-    type=click.IntRange(min=2),
-    help="Tokens per window [default: min(512, the artifact's context)].",
-)
-@click.option("--stride", type=click.IntRange(min=1), help="Window step [default: window / 2].")
-@click.option(
-    "--max-tokens",
-    default=BuildConfig.eval_tokens,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Score the text's first N tokens (0: all of it).",
-)
-@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def evaluate(artifact, text, window, stride, max_tokens, threads, as_json):
-    """Perplexity of ARTIFACT on a text, in strided windows: every token after the first is
-    predicted once, with at least window - stride tokens of context. Any target gives
-    comparable numbers."""
-    from rich.progress import Progress
-
-    from llmc.evaluate import evaluate_artifact
-
-    with Progress(console=_console(), transient=True) as bar:
-        task = bar.add_task("scoring", total=None)
-        result = evaluate_artifact(
-            artifact,
-            text,
-            threads=threads,
-            window=window,
-            stride=stride,
-            max_tokens=max_tokens,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-    else:
-        click.echo(
-            f"perplexity {result['perplexity']:.4f}  ({result['tokens']} tokens of "
-            f"{result['file']}, {result['windows']} windows of {result['window']}, "
-            f"stride {result['stride']})"
-        )
-
-
 @cli.command()
 def targets():
     """List the back ends, whether they are usable here, and how to install the rest."""
@@ -390,6 +278,10 @@ def targets():
         else:
             status = "ready"
         click.echo(f"{info.name:<10} {status:<40} {info.description}")
+
+
+cli.add_command(run)
+cli.add_command(evaluate)
 
 
 def main():

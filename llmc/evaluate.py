@@ -69,10 +69,12 @@ def evaluate_session(
     return entry
 
 
-def evaluate_artifact(directory: Path, path: Path, threads: int | None = None, **kwargs) -> dict:
+def evaluate_artifact(
+    directory: Path, path: Path, threads: int | None = None, exact: bool = False, **kwargs
+) -> dict:
     import llmc.runtime as rt
 
-    gen = rt.load(directory, threads=threads)
+    gen = rt.load(directory, threads=threads, exact=exact)
     encode = gen.tokenizer.encode
     return evaluate_session(gen.session, encode, path, **kwargs)
 

@@ -9,6 +9,8 @@ def render(manifest: dict, directory: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from llmc.host import describe
+
     console = Console(highlight=False)
     model, target, io = manifest["model"], manifest["target"], manifest["io"]
     size = sum(f["size"] for f in manifest["files"].values())
@@ -61,16 +63,25 @@ def render(manifest: dict, directory: Path) -> None:
         )
     fast = ver.get("fast_kernels")
     if fast:
+        host = manifest["build"].get("host")
         console.print(
-            f"         fast decode kernels: max |Δlogits| {fast['max_abs_diff']:.2e}, greedy "
+            f"         fast kernels (the default; exact=True turns them off), "
+            f"{fast.get('kernels', 'int8 activations')}: max |Δlogits| "
+            f"{fast['max_abs_diff']:.2e}, greedy "
             f"{fast['greedy_agreement']}/{fast['steps_compared']}"
+            + (f", measured on {describe(host)}" if host else "")
         )
     evaluation = manifest.get("evaluation")
     if evaluation:
         console.print(
             f"ppl      {evaluation['perplexity']:.3f} on {evaluation['tokens']} tokens of "
             f"{evaluation['file']} (fp32 PyTorch {evaluation['reference']['perplexity']:.3f}, "
-            f"{evaluation['increase']:+.2%})"
+            f"{evaluation['increase']:+.2%}"
+            + (
+                f"; exact kernels {evaluation['exact']['increase']:+.2%})"
+                if "exact" in evaluation
+                else ")"
+            )
         )
 
     files = Table(

@@ -91,13 +91,24 @@ int main(int argc, char** argv) {
 
     try {
         ov::Core core;
-        ov::AnyMap config{
-            {ov::hint::performance_mode.name(), ov::hint::PerformanceMode::LATENCY},
-            {ov::num_streams.name(), 1},
-            {ov::hint::inference_precision.name(), bf16 ? ov::element::bf16 : ov::element::f32},
-        };
-        if (!bf16) config[ov::hint::kv_cache_precision.name()] = ov::element::f32;
-        if (threads > 0) config[ov::inference_num_threads.name()] = static_cast<int>(threads);
+        // Exact unless --bf16: every numeric property of the CPU plugin pinned, the table EXACT
+        // of targets/openvino/session.py (the plugin otherwise picks bf16 compute, a u8 KV cache
+        // and int8 activations by CPU generation).
+        ov::AnyMap config{{"PERFORMANCE_HINT", "LATENCY"}, {"NUM_STREAMS", "1"}};
+        if (bf16) {
+            config["INFERENCE_PRECISION_HINT"] = "bf16";
+        } else {
+            for (const char* key : {"INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION",
+                                    "KEY_CACHE_PRECISION", "VALUE_CACHE_PRECISION"})
+                config[key] = "f32";
+            for (const char* key : {"KEY_CACHE_GROUP_SIZE", "VALUE_CACHE_GROUP_SIZE",
+                                    "DYNAMIC_QUANTIZATION_GROUP_SIZE"})
+                config[key] = "0";
+            config["EXECUTION_MODE_HINT"] = "ACCURACY";
+            config["CPU_DENORMALS_OPTIMIZATION"] = "NO";
+            config["CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE"] = "1";
+        }
+        if (threads > 0) config["INFERENCE_NUM_THREADS"] = std::to_string(threads);
         ov::CompiledModel compiled = core.compile_model(dir + "/openvino_model.xml", "CPU", config);
         ov::InferRequest request = compiled.create_infer_request();
         request.reset_state();

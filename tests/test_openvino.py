@@ -79,9 +79,16 @@ def test_static_decode_model_computes_the_dynamic_models_logits(ov_artifact):
 
 
 def test_precision_is_exact_by_default_and_bf16_only_when_asked(tmp_path, ov_artifact):
+    from llmc.targets.openvino.session import EXACT, unpinned
+
     session = rt.load(ov_artifact("llama")).session
-    for hint in ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION"):
-        assert session.compiled.get_property(hint).to_string() == "f32"
+    assert session.fast_kernels is None  # an fp32 artifact has no faster kernels to choose
+    for compiled in (session.compiled, session._decoders[1].get_compiled_model()):
+        # every numeric property as pinned, whatever this CPU would pick by itself
+        assert unpinned(compiled, EXACT) == []
+        assert compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 0
+        for hint in ("INFERENCE_PRECISION_HINT", "KEY_CACHE_PRECISION", "VALUE_CACHE_PRECISION"):
+            assert compiled.get_property(hint).to_string() == "f32"
     out = _build(tmp_path / "bf16", "--precision", "bf16")
     m = read_manifest(out)
     assert m["target"]["precision"] == "bf16" and m["verification"]["passed"]  # verified at f32
@@ -109,10 +116,25 @@ def runner():
     return RUNNER
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_native_runner_generates_the_python_runtime_tokens(arch, ov_artifact, runner):
-    path = ov_artifact(arch)
-    gen = rt.load(path)
+@pytest.fixture(scope="module")
+def int8_artifact(tmp_path_factory):
+    """tiny:llama at int8: its fast kernels differ from the exact ones within 18 greedy steps."""
+    out = tmp_path_factory.mktemp("ov-int8") / "a"
+    result = CliRunner().invoke(cli, ["build", "tiny:llama", "-t", "openvino", "-o", str(out)] + [
+        "--quant", "int8"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-int8"])
+def test_native_runner_generates_the_python_runtime_tokens(
+    arch, ov_artifact, int8_artifact, runner
+):
+    """The runner pins the exact properties as the session does: on an int8 artifact its tokens
+    are the exact session's (on a CPU with VNNI or AMX the plugin would otherwise quantize the
+    activations)."""
+    path = int8_artifact if arch == "llama-int8" else ov_artifact(arch)
+    gen = rt.load(path, exact=True)
     ids = gen.encode(PROMPT)
     want = [int(t[0]) for t in gen.generate_ids([ids], rt.GenerationConfig(24, ignore_eos=True))]
     args = [str(runner), str(path), "--max-new-tokens", "24", "--threads", "2", *map(str, ids)]
@@ -152,7 +174,10 @@ def test_quantized_weights_stay_compressed_and_pass_the_quality_gate(quant, tmp_
     assert result.exit_code == 0, result.output
     m = read_manifest(out)
     assert m["verification"]["passed"] and m["verification"]["max_abs_diff"] <= 1e-4
-    assert m["evaluation"]["increase"] <= (1e-4 if quant == "int4" else 0.05)
+    evaluation = m["evaluation"]  # the default (fast) kernels', and the exact ones'
+    assert evaluation["increase"] <= 0.05 and evaluation["exact"]["increase"] <= 0.05
+    if quant == "int4":  # the grid is kept: the exact kernels lose nothing
+        assert abs(evaluation["exact"]["increase"]) <= 1e-4
     model = ov.Core().read_model(str(out / "openvino_model.xml"))
     kinds = {op.get_output_element_type(0).get_type_name() for op in model.get_ops()}
     assert ("u4" if quant == "int4" else "i8") in kinds
@@ -163,3 +188,25 @@ def test_quantized_weights_stay_compressed_and_pass_the_quality_gate(quant, tmp_
     fc = runtime_ops(session.compiled)["FullyConnected"]
     assert fc == runtime_ops(fp32.compiled)["FullyConnected"]
     assert len(rt.load(out).generate("Paris is", max_new_tokens=8)) > 0
+    check_fast_kernels_are_a_recorded_choice(out, session)
+
+
+def check_fast_kernels_are_a_recorded_choice(out: Path, fast) -> None:
+    """A quantized artifact's default session lets the plugin quantize activations (dynamic
+    quantization); `exact=True` pins it off. The build measured the distance of the default,
+    recorded it with the CPU it ran on, and `llmc inspect` shows it."""
+    from llmc.targets.openvino.session import DYNAMIC_QUANTIZATION_GROUP, EXACT, unpinned
+
+    exact = rt.load(out, exact=True).session
+    assert exact.fast_kernels is None and unpinned(exact.compiled, EXACT) == []
+    assert "dynamic quantization" in fast.fast_kernels
+    group = fast.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")
+    assert group == DYNAMIC_QUANTIZATION_GROUP
+    assert unpinned(fast.compiled, EXACT) == [f"DYNAMIC_QUANTIZATION_GROUP_SIZE={group} (asked 0)"]
+    m = read_manifest(out)
+    record = m["verification"]["fast_kernels"]
+    assert record["kernels"] == fast.fast_kernels and record["steps_compared"] == 18
+    assert record["max_abs_diff"] >= 0 and m["build"]["host"]["model"]
+    shown = " ".join(CliRunner().invoke(cli, ["inspect", str(out)]).output.split())  # unwrapped
+    assert "fast kernels (the default; exact=True turns them off)" in shown
+    assert "dynamic quantization" in shown and "measured on" in shown

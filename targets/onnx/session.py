@@ -32,6 +32,8 @@ PREFILL_CHUNK = 256  # long prompts run in chunks: less attention work, bounded 
 # 1024-token int8 prompt takes 5.4 s in chunks of 256, 4.7 s in 512, 4.4 s in 1024 (fp32: 4.0 s
 # whatever the chunk).
 EXACT_PREFILL_CHUNK = 1024
+# What a quantized artifact's default session computes differently from the exact one.
+FAST_KERNELS = "MatMulNBits accuracy level 4: int8 activations on decode steps, prompts exact"
 
 
 def _open(
@@ -47,6 +49,11 @@ def _open(
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # Pinned where onnxruntime has a choice that changes numbers: denormals are kept (its default).
+    # The rest is fixed by the graph: fp32 GEMMs pick an AVX2 or AVX-512 kernel by CPU (the same
+    # arithmetic, other summation order) and the fast MatMulNBits kernels a VNNI or AMX path;
+    # the build records their distance from the exact ones with the CPU it ran on.
+    opts.add_session_config_entry("session.set_denormal_as_zero", "0")
     path = Path(directory) / manifest["target"]["files"]["model"]
     providers = ["CPUExecutionProvider"]
     if accuracy_level is None and not rescore:
@@ -84,7 +91,7 @@ class _Base:
     def __init__(self, directory, manifest: dict, threads: int | None = None, exact=False):
         quantized = bool(manifest.get("quantization"))
         fast = quantized and not exact
-        self.fast_kernels = fast  # decode steps on onnxruntime's int8-activation kernels
+        self.fast_kernels = FAST_KERNELS if fast else None
         self._sess, self._rescore = _open(
             directory, manifest, threads, 0 if exact and quantized else None, rescore=fast
         )

@@ -23,11 +23,32 @@ import numpy as np
 
 from llmc.runtime.session import PositionTracker
 
+# Every CPU-plugin property of OpenVINO 2026.4 that changes the arithmetic, pinned, so that
+# "exact" is the same computation on every CPU generation. Left to the plugin, each one is chosen
+# by the CPU: with AVX512-BF16 or AMX it computes an f32 model in bf16 and keeps a u8 KV cache, and
+# with AVX512-VNNI or AMX it quantizes the activations of matmuls with compressed weights to int8
+# in groups of 32 (dynamic quantization; a tiny int8 model then drifts by 0.19 in its logits).
+EXACT = {
+    "INFERENCE_PRECISION_HINT": "f32",
+    "EXECUTION_MODE_HINT": "ACCURACY",
+    "KV_CACHE_PRECISION": "f32",
+    "KEY_CACHE_PRECISION": "f32",  # the key and value caches have their own settings too
+    "VALUE_CACHE_PRECISION": "f32",
+    "KEY_CACHE_GROUP_SIZE": "0",
+    "VALUE_CACHE_GROUP_SIZE": "0",
+    "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0",  # activations stay f32
+    "CPU_DENORMALS_OPTIMIZATION": "NO",  # no flush-to-zero
+    "CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE": "1",  # no sparse-weight kernels
+}
 PRECISIONS = {
     # name: compile properties
-    "f32": {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"},
-    "bf16": {"INFERENCE_PRECISION_HINT": "bf16"},
+    "f32": EXACT,
+    "bf16": {"INFERENCE_PRECISION_HINT": "bf16"},  # and the plugin's defaults for the rest
 }
+# The fast decode kernels of a quantized artifact: exact, except that the activations entering a
+# matmul with compressed weights are quantized to int8 in groups of this many values, the
+# plugin's own default where the CPU has VNNI or AMX (README, "OpenVINO").
+DYNAMIC_QUANTIZATION_GROUP = 32
 
 
 def _free_memory() -> int | None:
@@ -49,16 +70,41 @@ def static_decode_fits(weights_bytes: int) -> bool:
     return free is None or 4 * weights_bytes < free
 
 
-def compile_properties(precision: str, threads: int | None) -> dict:
+def compile_properties(precision: str, threads: int | None, dynamic_quantization: int = 0) -> dict:
+    """The properties a model is compiled with; `dynamic_quantization` > 0 (f32 only) lets the
+    plugin quantize activations in groups of that size."""
     props = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", **PRECISIONS[precision]}
+    if dynamic_quantization:
+        props["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = str(dynamic_quantization)
     if threads:
         props["INFERENCE_NUM_THREADS"] = str(threads)
     return props
 
 
-class Session:
-    fast_kernels = False  # one set of kernels: verification of the default session covers it
+def unpinned(compiled, wanted: dict) -> list[str]:
+    """The numeric properties of `wanted` (EXACT's keys) that `compiled` does not report as set:
+    a plugin that ignored a pin must not pass for exact."""
 
+    def text(value) -> str:
+        if isinstance(value, bool):
+            return "YES" if value else "NO"
+        if isinstance(value, (int, float)):
+            return f"{float(value):g}"
+        if hasattr(value, "to_string"):  # an element type
+            return value.to_string()
+        return getattr(value, "name", str(value))  # an enum
+
+    def norm(value: str) -> str:
+        return f"{float(value):g}" if value.replace(".", "", 1).isdigit() else value
+
+    return [
+        f"{key}={text(compiled.get_property(key))} (asked {wanted[key]})"
+        for key in EXACT
+        if key in wanted and text(compiled.get_property(key)) != norm(wanted[key])
+    ]
+
+
+class Session:
     def __init__(
         self,
         directory: str | os.PathLike,
@@ -68,17 +114,28 @@ class Session:
         precision: str | None = None,
         static_decode: bool | None = None,
     ):
+        """`exact`: every numeric property pinned (EXACT), what verification compares with the
+        graph; otherwise a quantized f32 artifact runs on the fast kernels (int8 activations,
+        DYNAMIC_QUANTIZATION_GROUP), whose distance from the exact ones the build records."""
         import openvino as ov
 
         target = manifest["target"]
         self.precision = "f32" if exact else precision or target.get("precision", "f32")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        fast = bool(manifest.get("quantization")) and not exact and self.precision == "f32"
+        self.dynamic_quantization = DYNAMIC_QUANTIZATION_GROUP if fast else 0
+        self.fast_prompts = fast  # prompts (and so perplexity) run on the fast kernels too
+        self.fast_kernels = (
+            f"dynamic quantization: int8 activations in groups of {self.dynamic_quantization}"
+            if fast
+            else None
+        )
         core = ov.Core()
         xml = Path(directory) / target["files"]["model"]
         self._core, self._model = core, core.read_model(str(xml))
-        self._properties = compile_properties(self.precision, threads)
-        self.compiled = core.compile_model(self._model, "CPU", self._properties)
+        self._properties = compile_properties(self.precision, threads, self.dynamic_quantization)
+        self.compiled = self._compile(self._model)
         self._request = self.compiled.create_infer_request()
         self.max_context = int(manifest["io"]["max_context"])
         self.vocab_size = int(manifest["model"]["vocab_size"])
@@ -91,6 +148,17 @@ class Session:
         self._live = self._request  # the request that holds this sequence's KV cache
         if static_decode:
             self._decoder(1)  # compile now: the first decode step must not pay for it
+
+    def _compile(self, model):
+        from llmc.errors import ArtifactError
+
+        compiled = self._core.compile_model(model, "CPU", self._properties)
+        if self.precision == "f32" and (off := unpinned(compiled, self._properties)):
+            raise ArtifactError(
+                f"OpenVINO's CPU plugin did not take the exact settings ({', '.join(off)}); "
+                "install the OpenVINO release the artifact was built with."
+            )
+        return compiled
 
     def _decoder(self, batch: int):
         """The infer request of the model reshaped for `batch` rows of one new token each."""
@@ -106,7 +174,7 @@ class Session:
             }
             model = self._model.clone()
             model.reshape({p: ov.PartialShape(fixed[p.get_any_name()]) for p in model.inputs})
-            compiled = self._core.compile_model(model, "CPU", self._properties)
+            compiled = self._compile(model)
             self._decoders[batch] = compiled.create_infer_request()
         return self._decoders[batch]
 
