@@ -176,7 +176,7 @@ def run_ov_genai(model_dir: str, artifact: str, threads: int, runs: int, hint: s
         props |= {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
     group = 0 if exact else ov.Core().get_property("CPU", "DYNAMIC_QUANTIZATION_GROUP_SIZE")
     props |= {"DYNAMIC_QUANTIZATION_GROUP_SIZE": group} if exact else {}
-    kernels = f"dynamic quantization: int8 activations in groups of {group}" if group else "exact"
+    kernels = f"plugin default: dynamic quantization, groups of {group}" if group else "exact"
     pipe = ov_genai.LLMPipeline(model_dir, "CPU", **props)
     ids, long_ids = _prompts(artifact)
 

@@ -12,6 +12,7 @@ import torch
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
 from llmc.compiler.spec import ModelSpec
+from llmc.contract import IOContract, KVMode
 
 _LIFTED = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 
@@ -20,24 +21,21 @@ _LIFTED = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 class Graph:
     program: torch.export.ExportedProgram
     spec: ModelSpec
-    input_names: list[str]
+    input_names: list[str]  # the program's user inputs and outputs, in order
     output_names: list[str]
-    kv_mode: str = "concat"
-    logits: str = "all"  # "all" positions, or "selected" by a logits_index input (prune_lm_head)
+    io: IOContract | None = None  # a language model's I/O and KV-cache contract
     notes: list[str] = field(default_factory=list)
     quantization: dict | None = None  # the recipe, set by quantize_weights
 
     @classmethod
     def from_trace(cls, traced, spec: ModelSpec, options) -> Graph:
         """The graph of a `trace()` result, with what the trace-time passes noted."""
-        return cls(
-            traced.program,
-            spec,
-            traced.input_names,
-            traced.output_names,
-            kv_mode=options.kv_mode,
-            notes=list(options.notes),
-        )
+        io = traced.io
+        return cls(traced.program, spec, io.inputs, io.outputs, io, notes=list(options.notes))
+
+    @property
+    def kv_mode(self) -> KVMode:
+        return self.io.kv_mode
 
     @property
     def fx(self) -> torch.fx.Graph:
@@ -64,7 +62,7 @@ class Graph:
             seq=seq,
             past=past,
             kv_mode=self.kv_mode,
-            logits_index="logits_index" in self.input_names,
+            logits_index=self.io.logits_index,
         )
 
     # -- lifted tensors (weights, buffers, constants) --------------------------------------------

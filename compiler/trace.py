@@ -11,6 +11,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from llmc.compiler.spec import ModelSpec
+from llmc.contract import CacheGeometry, IOContract, KVMode
 
 ATTENTION_NAME = "llmc"
 
@@ -21,15 +22,15 @@ class TraceOptions:
 
     attention: "model" keeps the model's own attention (concat KV through the cache layer);
     "llmc" routes every attention call to one `llmc::attention` op.
-    kv_mode: "concat" (present = past ++ new) or "shared" (a buffer per layer, written in place;
-    needs llmc attention).
+    kv_mode: KVMode.CONCAT (present = past ++ new) or KVMode.SHARED (a buffer per layer, written
+    in place; needs llmc attention).
     logits_index: the graph takes `logits_index` (int64 [P]) and computes logits only at those
     positions of every row (transformers' `logits_to_keep` with a tensor): [S-1] when generating,
     every position when scoring a text.
     """
 
     attention: str = "model"
-    kv_mode: str = "concat"
+    kv_mode: KVMode = KVMode.CONCAT
     logits_index: bool = False  # a `logits_index` input picks the positions that get logits
     notes: list[str] = field(default_factory=list)
 
@@ -157,7 +158,7 @@ class KVWrapper(torch.nn.Module):
         layer_cls = PassThroughLayer if llmc else ExplicitKVLayer
         layers = [layer_cls(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
         cache = Cache(layers=layers)
-        shared = opts.kv_mode == "shared"
+        shared = opts.kv_mode is KVMode.SHARED
         ctx = {
             "past": [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)],
             "seq_info": seq_info,
@@ -187,22 +188,16 @@ class KVWrapper(torch.nn.Module):
 
 @dataclass
 class TraceResult:
-    """The exported program and the I/O names it was traced with."""
+    """The exported program and the I/O contract it was traced with."""
 
     program: torch.export.ExportedProgram
-    input_names: list[str]
-    output_names: list[str]
+    io: IOContract
 
 
-def io_names(
-    spec: ModelSpec, kv_mode: str = "concat", logits_index: bool = False
-) -> tuple[list[str], list[str]]:
-    """Input and output names of the KV-cache contract (DESIGN.md)."""
-    past = [f"past_key_values.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
-    seq_info = "seqlens_k" if kv_mode == "shared" else "attention_mask"
-    index = ["logits_index"] if logits_index else []
-    return ["input_ids", "position_ids", seq_info, *index, *past], ["logits", *present]
+def io_contract(spec: ModelSpec, options: TraceOptions) -> IOContract:
+    """The KV-cache contract (DESIGN.md) of a graph traced with `options`."""
+    cache = CacheGeometry(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_context)
+    return IOContract(cache, KVMode(options.kv_mode), logits_index=options.logits_index)
 
 
 def example_inputs(
@@ -210,7 +205,7 @@ def example_inputs(
     batch: int = 2,
     seq: int = 3,
     past: int = 4,
-    kv_mode: str = "concat",
+    kv_mode: KVMode = KVMode.CONCAT,
     logits_index: bool = False,
 ):
     """Inputs for one chunked-prefill step: `seq` new tokens after `past` cached ones (logits for
@@ -221,7 +216,7 @@ def example_inputs(
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=g)
     index = (torch.arange(seq),) if logits_index else ()
-    if kv_mode == "shared":
+    if kv_mode is KVMode.SHARED:
         lengths = torch.tensor([past + seq - (row % 2) for row in range(batch)])
         pos = (lengths - seq).unsqueeze(1) + torch.arange(seq)
         capacity = past + seq + 2
@@ -239,13 +234,15 @@ def example_inputs(
     return (ids, pos, mask, *index, *kv)
 
 
-def prefill_inputs(spec: ModelSpec, ids: torch.Tensor, kv_mode: str, logits_index: bool) -> tuple:
+def prefill_inputs(
+    spec: ModelSpec, ids: torch.Tensor, kv_mode: KVMode, logits_index: bool
+) -> tuple:
     """The inputs that prefill one row `ids` [S] on an empty cache, with logits for every
     position (calibration runs of the graph)."""
     s = len(ids)
     pos = torch.arange(s)[None]
     index = (torch.arange(s),) if logits_index else ()
-    if kv_mode == "shared":
+    if kv_mode is KVMode.SHARED:
         capacity = max(s, 2)
         seq_info = torch.tensor([s - 1], dtype=torch.int32)
     else:
@@ -269,7 +266,7 @@ def trace(
     wrapper = KVWrapper(model, spec, options=options).eval()
     batch = Dim("batch", min=1, max=64)
     seq = Dim("seq", min=1, max=spec.max_context)
-    if options.kv_mode == "shared":
+    if options.kv_mode is KVMode.SHARED:
         capacity = Dim("capacity", min=2, max=spec.max_context)
         kv_shape = {0: batch, 2: capacity}
         seq_info = {0: batch}
@@ -286,5 +283,4 @@ def trace(
     example = example_inputs(spec, kv_mode=options.kv_mode, logits_index=options.logits_index)
     with torch.no_grad(), attention_implementation(model, options.attention_impl(model)):
         program = torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=False)
-    inputs, outputs = io_names(spec, options.kv_mode, options.logits_index)
-    return TraceResult(program, inputs, outputs)
+    return TraceResult(program, io_contract(spec, options))

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from llmc.compiler.trace import cache_kwarg
+from llmc.contract import KVMode
 
 PROMPTS = (
     "The capital of France is",
@@ -88,7 +89,7 @@ class GraphReference:
 
     @property
     def _shared(self) -> bool:
-        return self.graph.kv_mode == "shared"
+        return self.graph.kv_mode is KVMode.SHARED
 
     def _step(self, ids: list[int]) -> torch.Tensor:
         s, total = len(ids), self.length + len(ids)

@@ -304,8 +304,6 @@ def _manifest(config, source, spec, graph, emitted, reports, loaded) -> dict:
         if tok.pad_token_id is not None
         else getattr(gen_config, "pad_token_id", None)
     )
-    past = [n for n in graph.input_names if n.startswith("past_key_values.")]
-    present = [n for n in graph.output_names if n.startswith("present.")]
     return {
         "llmc_version": __version__,
         "toolchain": {
@@ -322,24 +320,7 @@ def _manifest(config, source, spec, graph, emitted, reports, loaded) -> dict:
             "files": {"model": emitted.files[0]},
             **(emitted.target or {}),
         },
-        "io": {
-            "inputs": emitted.inputs or graph.input_names,
-            "outputs": graph.output_names,
-            "past_inputs": past,
-            "present_outputs": present,
-            "dtypes": {
-                "input_ids": "int64",
-                "position_ids": "int64",
-                "attention_mask": "int64",
-                "logits": "float32",
-            },
-            "kv_dtype": "float32",
-            "kv_layout": "[batch, kv_heads, seq, head_dim]",
-            "kv_mode": graph.kv_mode,
-            "logits": graph.logits,
-            "max_context": spec.max_context,
-            **(emitted.io or {}),
-        },
+        "io": (emitted.io or graph.io).to_manifest(),
         "quantization": None,
         "passes": [r.to_dict() for r in reports],
         "graph": {

@@ -9,10 +9,12 @@ def render(manifest: dict, directory: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from llmc.contract import IOContract
     from llmc.host import describe
 
     console = Console(highlight=False)
-    model, target, io = manifest["model"], manifest["target"], manifest["io"]
+    model, target = manifest["model"], manifest["target"]
+    io = IOContract.from_manifest(manifest)
     size = sum(f["size"] for f in manifest["files"].values())
     console.print(
         f"[bold]{directory}[/bold]  llmc {manifest['llmc_version']}, "
@@ -23,11 +25,11 @@ def render(manifest: dict, directory: Path) -> None:
         f"model    {model['architecture']}: {model['num_layers']} layers, "
         f"{model['num_heads']} heads / {model['num_kv_heads']} kv heads, "
         f"head dim {model['head_dim']}, vocab {model['vocab_size']}, "
-        f"context {io['max_context']}"
+        f"context {io.max_context}"
     )
     console.print(
-        f"target   {target['name']} ({target['flavor']}), KV mode {io['kv_mode']}, "
-        f"logits {io['logits']}"
+        f"target   {target['name']} ({target['flavor']}), KV mode {io.kv_mode.value}, "
+        f"logits {io.logits.value}"
         + (f", precision {target['precision']}" if "precision" in target else "")
     )
     if target.get("fused_ops"):

@@ -14,6 +14,7 @@ import torch
 
 from llmc.compiler.graph import Graph
 from llmc.compiler.pass_manager import PassReport
+from llmc.contract import KVMode
 from llmc.passes._util import erase_unused, is_call
 
 ROTARY = torch.ops.llmc.rotary.default
@@ -26,8 +27,8 @@ class FuseRotaryAttention:
     def run(self, graph: Graph) -> PassReport:
         fused, notes = 0, []
         attentions = [n for n in graph.fx.nodes if is_call(n, ATTENTION)]
-        if graph.kv_mode != "shared":
-            notes.append(f"kv_mode is {graph.kv_mode}: positions are not cache indices")
+        if graph.kv_mode is not KVMode.SHARED:
+            notes.append(f"kv_mode is {graph.kv_mode.value}: positions are not cache indices")
             attentions = []
         positions = graph.user_input("position_ids") if attentions else None
         for node in attentions:

@@ -21,6 +21,7 @@ import torch
 
 from llmc.compiler.graph import Graph, shape_str
 from llmc.compiler.pass_manager import PassReport
+from llmc.contract import Logits
 from llmc.passes._util import aten, erase_unused, is_call
 
 _MATMULS = (aten.linear.default, aten.mm.default, aten.matmul.default, aten.addmm.default)
@@ -63,7 +64,7 @@ class PruneLmHead:
         hidden.replace_all_uses_with(chosen)
         erase_unused(graph, [hidden])
         moved = _sink(graph, chosen)
-        graph.logits = "selected"
+        graph.io = graph.io.with_logits(Logits.SELECTED)
         return PassReport(self.name, modified=True, counts={"pruned": 1, "ops_moved": moved})
 
     def _skip(self, reason: str) -> PassReport:

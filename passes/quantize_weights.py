@@ -210,7 +210,7 @@ class _Statistics:
         g = torch.Generator().manual_seed(0)
         names = graph.input_names
         for ids in sequences:
-            values = prefill_inputs(graph.spec, ids, graph.kv_mode, "logits_index" in names)
+            values = prefill_inputs(graph.spec, ids, graph.kv_mode, graph.io.logits_index)
             feeds = {graph.user_input(n): v for n, v in zip(names, values, strict=True)}
             outs = evaluate(graph, inputs, feeds)
             for x, value in zip(inputs, outs, strict=True):

@@ -17,30 +17,31 @@ import torch
 from llmc.compiler.graph import Graph
 from llmc.compiler.pass_manager import PassReport
 from llmc.compiler.trace import ATTENTION_NAME, TraceOptions
+from llmc.contract import KVMode
 
 
 class RewireKvCache:
     name = "rewire_kv_cache"
     stage = "trace"
 
-    def __init__(self, mode: str = "shared"):
-        if mode not in ("concat", "shared"):
-            raise ValueError(f"unknown KV mode {mode!r}")
-        self.mode = mode
+    def __init__(self, mode: KVMode = KVMode.SHARED):
+        if mode not in (KVMode.CONCAT, KVMode.SHARED):
+            raise ValueError(f"a traced graph's KV mode is concat or shared, not {mode!r}")
+        self.mode = KVMode(mode)
 
     def configure(self, options: TraceOptions, model: torch.nn.Module) -> None:
-        if self.mode == "shared" and options.attention != ATTENTION_NAME:
+        if self.mode is KVMode.SHARED and options.attention != ATTENTION_NAME:
             options.notes.append(f"{self.name}: shared KV needs replace_attention; kept concat")
             return
         options.kv_mode = self.mode
 
     def run(self, graph: Graph) -> PassReport:
         notes = [n for n in graph.notes if n.startswith(self.name)]
-        rewired = graph.kv_mode == self.mode and self.mode != "concat"
+        rewired = graph.kv_mode is self.mode is not KVMode.CONCAT
         layers = graph.count(torch.ops.llmc.attention.default) if rewired else 0
         return PassReport(
             self.name,
             modified=rewired,
             counts={"layers": layers},
-            notes=[*notes, f"kv_mode={graph.kv_mode}"],
+            notes=[*notes, f"kv_mode={graph.kv_mode.value}"],
         )

@@ -244,7 +244,7 @@ def test_prune_lm_head_positive_and_negative(tiny_model):
     report, _, _ = apply(graph, PruneLmHead())
     last = graph.run(ids, pos, seqlens, torch.tensor([4]), *past)[0]
     some = graph.run(ids, pos, seqlens, torch.tensor([0, 3]), *past)[0]
-    assert full.shape[1] == 5 and last.shape[1] == 1 and graph.logits == "selected"
+    assert full.shape[1] == 5 and last.shape[1] == 1 and graph.io.logits == "selected"
     assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
     assert torch.allclose(some, full[:, [0, 3]], atol=1e-5)
     # the last layer after its attention works on the selected positions too: o_proj, norms, MLP

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmc.contract import IOContract, KVMode
+
 if TYPE_CHECKING:
     from llmc.compiler.graph import Graph
 
@@ -22,8 +24,7 @@ class EmitResult:
     op_histogram: dict[str, int]
     toolchain: dict[str, str]
     flavor: str = "onnxruntime-cpu"
-    inputs: list[str] | None = None  # the emitted graph's inputs (unused ones may be dropped)
-    io: dict | None = None  # manifest "io" entries the target decides (a stateful KV mode)
+    io: IOContract | None = None  # the graph's contract as the target changed it (else as traced)
     target: dict | None = None  # extra manifest "target" entries (precision, fused ops)
 
 
@@ -64,7 +65,7 @@ def emit(graph: Graph, out_dir: Path) -> EmitResult:
 
     path = Path(out_dir) / MODEL_FILE
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    table = translation_table(shared_kv=graph.kv_mode == "shared")
+    table = translation_table(shared_kv=graph.kv_mode is KVMode.SHARED)
     # Ops onnxruntime has no kernel for in this form go back to plain ATen (DESIGN.md).
     program = ops.decompose(graph.program, keep=set(table))
     with warnings.catch_warnings():
@@ -106,5 +107,6 @@ def emit(graph: Graph, out_dir: Path) -> EmitResult:
         "onnxscript": onnxscript.__version__,
         "opset": str(max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))),
     }
-    inputs = [i.name for i in model.graph.input]
-    return EmitResult(files, dict(sorted(histogram.items())), toolchain, inputs=inputs)
+    unused = set(graph.input_names) - {i.name for i in model.graph.input}  # dropped by the exporter
+    io = graph.io.without_inputs(unused)
+    return EmitResult(files, dict(sorted(histogram.items())), toolchain, io=io)

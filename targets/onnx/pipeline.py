@@ -5,6 +5,7 @@ from __future__ import annotations
 
 def pipeline(quant=None) -> list:
     """The passes, in order; `quant` (a QuantConfig) adds weight quantization."""
+    from llmc.contract import KVMode
     from llmc.passes.eliminate_dead_code import EliminateDeadCode
     from llmc.passes.fold_layout import FoldLayout
     from llmc.passes.fuse_projections import FuseQkv
@@ -24,7 +25,7 @@ def pipeline(quant=None) -> list:
     return [
         # Phase 0, at trace time: one llmc::attention per layer, shared KV buffers.
         ReplaceAttention(),
-        RewireKvCache("shared"),
+        RewireKvCache(KVMode.SHARED),
         # Phase 1: clean up what tracing leaves behind.
         RemoveAssertions(),
         RemoveNoopCasts(),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmc.contract import IOContract, KVMode, Logits
 from llmc.errors import ContextLengthError
 from llmc.runtime.session import PositionTracker
 from llmc.targets.onnx.rescore import LmHeadRescorer
@@ -82,8 +83,8 @@ def Session(
     weights and multiply in fp32 on every step (verification: the numbers of the llmc graph);
     otherwise decode steps quantize activations to int8 (onnxruntime's fast kernels) and only
     prompts run exactly (faster for many rows, and their logits are the exact ones)."""
-    mode = manifest["io"].get("kv_mode", "concat")
-    cls = SharedKVSession if mode == "shared" else ConcatKVSession
+    shared = IOContract.from_manifest(manifest).kv_mode is KVMode.SHARED
+    cls = SharedKVSession if shared else ConcatKVSession
     return cls(directory, manifest, threads, exact)
 
 
@@ -99,15 +100,14 @@ class _Base:
         self._chunk = EXACT_PREFILL_CHUNK if quantized else PREFILL_CHUNK
         if fast:
             self._prefill_sess, _ = _open(directory, manifest, threads, accuracy_level=0)
-        model, io = manifest["model"], manifest["io"]
-        self.max_context = int(io["max_context"])
-        self.vocab_size = int(model["vocab_size"])
-        self._past_names = io["past_inputs"]
-        self._present_names = io["present_outputs"]
-        self._kv_heads, self._head_dim = int(model["num_kv_heads"]), int(model["head_dim"])
-        self._kv_dtype = np.dtype(io["kv_dtype"])
+        io = IOContract.from_manifest(manifest)
+        self.max_context = io.max_context
+        self.vocab_size = int(manifest["model"]["vocab_size"])
+        self._past_names, self._present_names = io.past_inputs, io.present_outputs
+        self._kv_heads, self._head_dim = io.cache.kv_heads, io.cache.head_dim
+        self._kv_dtype = np.dtype(io.cache.dtype)
         self._inputs = {i.name for i in self._sess.get_inputs()}
-        self._last_only = io.get("logits") == "last"  # artifacts from before logits_index
+        self._last_only = io.logits is Logits.LAST  # artifacts from before logits_index
 
 
 class ConcatKVSession(_Base):

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmc.contract import KVMode
 from llmc.targets.onnx.emit import EmitResult
 from llmc.targets.openvino.session import compile_properties
 
@@ -151,12 +152,21 @@ def runtime_ops(compiled) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _stateful_io(graph: Graph, saved):
+    """The traced contract with the cache moved into the model and `beam_idx` added."""
+    io = graph.io.stateful(("beam_idx",))
+    got = {p.get_any_name() for p in saved.inputs}
+    if got != set(io.inputs):
+        raise RuntimeError(f"the stateful IR takes {sorted(got)}, not {sorted(io.inputs)}")
+    return io
+
+
 def emit(graph: Graph, out_dir: Path) -> EmitResult:
     import openvino as ov
 
     from llmc.targets.openvino.lowering import conversion_extensions
 
-    if graph.kv_mode != "concat":
+    if graph.kv_mode is not KVMode.CONCAT:
         raise ValueError("the OpenVINO target takes a concat-mode graph (no rewire_kv_cache)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's pytree deprecations, raised inside the converter
@@ -165,9 +175,7 @@ def emit(graph: Graph, out_dir: Path) -> EmitResult:
         port.get_tensor().set_names({name})
     for port, name in zip(model.outputs, graph.output_names, strict=True):
         port.get_tensor().set_names({name})
-    past = [n for n in graph.input_names if n.startswith("past_key_values.")]
-    present = [n for n in graph.output_names if n.startswith("present.")]
-    make_stateful(model, past, present)
+    make_stateful(model, graph.io.past_inputs, graph.io.present_outputs)
     path = Path(out_dir) / MODEL_FILE
     ov.save_model(model, str(path), compress_to_fp16=False)
     core = ov.Core()
@@ -180,7 +188,27 @@ def emit(graph: Graph, out_dir: Path) -> EmitResult:
         op_histogram=dict(sorted(histogram.items())),
         toolchain={"openvino": ov.__version__.split("-")[0]},
         flavor="openvino-cpu",
-        inputs=[p.get_any_name() for p in saved.inputs],
-        io={"kv_mode": "stateful", "past_inputs": [], "present_outputs": []},
-        target={"precision": "f32", "fused_ops": fused, "weights": WEIGHTS_FILE},
+        io=_stateful_io(graph, saved),
+        target={
+            "precision": "f32",
+            "fused_ops": fused,
+            "weights": WEIGHTS_FILE,
+            **({"dynamic_quantization": _integer_zero_points(graph)} if graph.quantization else {}),
+        },
     )
+
+
+def _integer_zero_points(graph: Graph) -> bool:
+    """Whether every quantized weight has integer zero points (or none): the plugin's dynamic
+    quantization speeds those up only. On SmolLM2's Q4_1 grid, kept with fractional zero points,
+    it ran no faster (132.7 against 135.6 tok/s exact) and cost 0.12% perplexity, so such an
+    artifact runs exactly by default."""
+    import torch
+
+    ops = (torch.ops.llmc.linear_nbits.default, torch.ops.llmc.embedding_nbits.default)
+    for node in graph.fx.nodes:
+        if node.op == "call_function" and node.target in ops and len(node.args) > 3:
+            zeros = graph.tensor(node.args[3]) if node.args[3] is not None else None
+            if zeros is not None and not torch.equal(zeros, zeros.round()):
+                return False
+    return True

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmc.contract import IOContract
 from llmc.runtime.session import PositionTracker
 
 # Every CPU-plugin property of OpenVINO 2026.4 that changes the arithmetic, pinned, so that
@@ -115,15 +116,19 @@ class Session:
         static_decode: bool | None = None,
     ):
         """`exact`: every numeric property pinned (EXACT), what verification compares with the
-        graph; otherwise a quantized f32 artifact runs on the fast kernels (int8 activations,
-        DYNAMIC_QUANTIZATION_GROUP), whose distance from the exact ones the build records."""
+        graph; otherwise a quantized f32 artifact whose zero points are integers runs on the fast
+        kernels (int8 activations, DYNAMIC_QUANTIZATION_GROUP), whose distance from the exact
+        ones the build records."""
         import openvino as ov
 
         target = manifest["target"]
         self.precision = "f32" if exact else precision or target.get("precision", "f32")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
-        fast = bool(manifest.get("quantization")) and not exact and self.precision == "f32"
+        # fast kernels where the plugin has them: quantized weights with integer zero points
+        quantized = bool(manifest.get("quantization"))
+        fast = quantized and target.get("dynamic_quantization", True)
+        fast = fast and not exact and self.precision == "f32"
         self.dynamic_quantization = DYNAMIC_QUANTIZATION_GROUP if fast else 0
         self.fast_prompts = fast  # prompts (and so perplexity) run on the fast kernels too
         self.fast_kernels = (
@@ -137,7 +142,7 @@ class Session:
         self._properties = compile_properties(self.precision, threads, self.dynamic_quantization)
         self.compiled = self._compile(self._model)
         self._request = self.compiled.create_infer_request()
-        self.max_context = int(manifest["io"]["max_context"])
+        self.max_context = IOContract.from_manifest(manifest).max_context
         self.vocab_size = int(manifest["model"]["vocab_size"])
         self._inputs = {p.get_any_name() for p in self.compiled.inputs}
         self._positions = PositionTracker(self.max_context)

@@ -1,0 +1,179 @@
+"""The I/O and KV-cache contract of a traced graph and of an artifact (torch-free, typed).
+
+The tracer creates an `IOContract`, passes change it through its methods, the manifest stores it
+through `to_manifest` and every session reads it back through `IOContract.from_manifest`: the
+names, dtypes, cache geometry and logits mode are decided once and parsed once.
+
+Tensor names (DESIGN.md, "KV-cache contract"): inputs `input_ids`, `position_ids`, then
+`attention_mask` (concat and stateful) or `seqlens_k` (shared), `logits_index` when the graph
+selects logit positions, `beam_idx` (stateful), `past_key_values.{i}.key|value`; outputs
+`logits`, `present.{i}.key|value`. Cache layout [batch, kv_heads, seq, head_dim].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+
+from llmc.errors import ArtifactError
+
+KV_LAYOUT = "[batch, kv_heads, seq, head_dim]"
+
+
+class KVMode(str, Enum):
+    """Who owns the KV cache and how a step updates it."""
+
+    CONCAT = "concat"  # past in, present = past ++ new out; the runtime feeds it back
+    SHARED = "shared"  # one buffer per layer bound as past and present, written in place
+    STATEFUL = "stateful"  # the compiled model holds the cache as state (OpenVINO)
+
+    @property
+    def seq_info(self) -> str:
+        """The input that tells a step where each row is."""
+        return "seqlens_k" if self is KVMode.SHARED else "attention_mask"
+
+    @property
+    def runtime_owns_cache(self) -> bool:
+        return self is not KVMode.STATEFUL
+
+
+class Logits(str, Enum):
+    """Which positions a step computes logits for."""
+
+    ALL = "all"  # every position of the step
+    SELECTED = "selected"  # the positions a `logits_index` input names (prune_lm_head)
+    LAST = "last"  # the last position only (artifacts from before logits_index)
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    max_context: int
+    dtype: str = "float32"
+
+    def names(self) -> tuple[list[str], list[str]]:
+        """(past input names, present output names), key then value per layer."""
+        kinds = [(i, kv) for i in range(self.layers) for kv in ("key", "value")]
+        past = [f"past_key_values.{i}.{kv}" for i, kv in kinds]
+        return past, [f"present.{i}.{kv}" for i, kv in kinds]
+
+
+_DTYPES = {
+    "input_ids": "int64",
+    "position_ids": "int64",
+    "attention_mask": "int64",
+    "seqlens_k": "int32",
+    "logits_index": "int64",
+    "beam_idx": "int32",
+    "logits": "float32",
+}
+
+
+@dataclass(frozen=True)
+class IOContract:
+    cache: CacheGeometry
+    kv_mode: KVMode = KVMode.CONCAT
+    logits: Logits = Logits.ALL
+    logits_index: bool = False  # the graph takes a `logits_index` input
+    extra_inputs: tuple[str, ...] = ()  # inputs a target adds (OpenVINO's beam_idx)
+    unused: tuple[str, ...] = ()  # inputs the emitted graph dropped (nothing read them)
+
+    @property
+    def past_inputs(self) -> list[str]:
+        return self.cache.names()[0] if self.kv_mode.runtime_owns_cache else []
+
+    @property
+    def present_outputs(self) -> list[str]:
+        return self.cache.names()[1] if self.kv_mode.runtime_owns_cache else []
+
+    @property
+    def inputs(self) -> list[str]:
+        index = ["logits_index"] if self.logits_index else []
+        head = ["input_ids", "position_ids", self.kv_mode.seq_info, *index]
+        names = [*head, *self.extra_inputs, *self.past_inputs]
+        return [n for n in names if n not in self.unused]
+
+    @property
+    def outputs(self) -> list[str]:
+        return ["logits", *self.present_outputs]
+
+    @property
+    def max_context(self) -> int:
+        return self.cache.max_context
+
+    def dtype(self, name: str) -> str:
+        return self.cache.dtype if name.startswith(("past_", "present.")) else _DTYPES[name]
+
+    # -- changes (passes and targets) ---------------------------------------------------------
+    def with_kv_mode(self, mode: KVMode) -> IOContract:
+        return dataclasses.replace(self, kv_mode=KVMode(mode))
+
+    def with_logits(self, logits: Logits) -> IOContract:
+        return dataclasses.replace(self, logits=Logits(logits))
+
+    def without_inputs(self, names) -> IOContract:
+        """The emitted graph does not take `names` (its exporter dropped inputs nothing read)."""
+        dropped = sorted(set(names) & set(self.inputs))
+        return dataclasses.replace(self, unused=(*self.unused, *dropped))
+
+    def stateful(self, extra_inputs: tuple[str, ...] = ("beam_idx",)) -> IOContract:
+        """The cache moved into the compiled model; `extra_inputs` are the target's own."""
+        return dataclasses.replace(self, kv_mode=KVMode.STATEFUL, extra_inputs=extra_inputs)
+
+    # -- the manifest's "io" entry ------------------------------------------------------------
+    def to_manifest(self) -> dict:
+        return {
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "past_inputs": self.past_inputs,
+            "present_outputs": self.present_outputs,
+            "dtypes": {n: self.dtype(n) for n in [*self.inputs, "logits"] if n in _DTYPES},
+            "kv_dtype": self.cache.dtype,
+            "kv_layout": KV_LAYOUT,
+            "kv_mode": self.kv_mode.value,
+            "kv_geometry": {
+                "layers": self.cache.layers,
+                "kv_heads": self.cache.kv_heads,
+                "head_dim": self.cache.head_dim,
+            },
+            "logits": self.logits.value,
+            "max_context": self.cache.max_context,
+        }
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> IOContract:
+        """The contract of an artifact's manifest (also of artifacts written before the
+        geometry was stored: it then comes from the model spec)."""
+        io, model = manifest.get("io") or {}, manifest.get("model") or {}
+        try:
+            geometry = io.get("kv_geometry") or {
+                "layers": model["num_layers"],
+                "kv_heads": model["num_kv_heads"],
+                "head_dim": model["head_dim"],
+            }
+            cache = CacheGeometry(
+                int(geometry["layers"]),
+                int(geometry["kv_heads"]),
+                int(geometry["head_dim"]),
+                int(io["max_context"]),
+                io.get("kv_dtype", "float32"),
+            )
+            inputs = io.get("inputs", [])
+            contract = cls(
+                cache,
+                KVMode(io.get("kv_mode", "concat")),
+                Logits(io.get("logits", "all")),
+                logits_index="logits_index" in inputs,
+                extra_inputs=tuple(n for n in inputs if n == "beam_idx"),
+            )
+            if inputs:
+                contract = contract.without_inputs(set(contract.inputs) - set(inputs))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ArtifactError(
+                f"the manifest's I/O contract is incomplete or unknown ({exc}); rebuild the "
+                "artifact with this llmc."
+            ) from None
+        return contract
