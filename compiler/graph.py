@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
@@ -24,14 +24,13 @@ class Graph:
     input_names: list[str]  # the program's user inputs and outputs, in order
     output_names: list[str]
     io: IOContract | None = None  # a language model's I/O and KV-cache contract
-    notes: list[str] = field(default_factory=list)
     quantization: dict | None = None  # the recipe, set by quantize_weights
 
     @classmethod
-    def from_trace(cls, traced, spec: ModelSpec, options) -> Graph:
-        """The graph of a `trace()` result, with what the trace-time passes noted."""
+    def from_trace(cls, traced, spec: ModelSpec) -> Graph:
+        """The graph of a `trace()` result."""
         io = traced.io
-        return cls(traced.program, spec, io.inputs, io.outputs, io, notes=list(options.notes))
+        return cls(traced.program, spec, io.inputs, io.outputs, io)
 
     @property
     def kv_mode(self) -> KVMode:

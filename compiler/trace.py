@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -32,7 +32,6 @@ class TraceOptions:
     attention: str = "model"
     kv_mode: KVMode = KVMode.CONCAT
     logits_index: bool = False  # a `logits_index` input picks the positions that get logits
-    notes: list[str] = field(default_factory=list)
 
     def attention_impl(self, model: torch.nn.Module) -> str:
         if self.attention == ATTENTION_NAME:

@@ -158,3 +158,56 @@ def _verify(reference, session, prompts, tolerance, decode_steps, texts) -> Veri
         result.batched_max_abs_diff = float(np.abs(np.stack(prefill_logits) - got).max())
     session.reset()
     return result
+
+
+# -- the verification of a build (llmc build, llmc verify) -------------------------------------
+def default_tolerance(source_kind: str) -> float:
+    """DESIGN.md's bars: 1e-4 on tiny random models, 1e-3 on real ones."""
+    return 1e-4 if source_kind == "tiny" else 1e-3
+
+
+def verify_prompts(tokenizer, max_context: int, decode_steps: int = 8) -> list[list[int]]:
+    """The fixed verification prompts, cut so that prompt and decode steps fit the context."""
+    keep = max(1, max_context - decode_steps)
+    return [tokenizer(text)["input_ids"][:keep] for text in PROMPTS]
+
+
+@dataclass
+class BuildVerification:
+    """What a build's verification found: the exact kernels against the reference, and where
+    the artifact's default session runs faster kernels, their distance from the same reference
+    (for the record; the build does not refuse them)."""
+
+    exact: VerifyResult
+    fast: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {**self.exact.to_dict(), **({"fast_kernels": self.fast} if self.fast else {})}
+
+
+def verify_artifact(
+    session_class, directory, manifest: dict, model, tokenizer, tolerance: float, steps: int,
+    graph=None,
+) -> BuildVerification:  # fmt: skip
+    """Verify the artifact in `directory`. fp32 (`graph` None): its exact session against
+    PyTorch eager, at f32 even when the artifact asks for bf16 at run time. Quantized: against
+    its own graph run in PyTorch (the same dequantized weights), so the check is of the lowering
+    and perplexity (`--eval`) measures the quantization."""
+    exact = session_class(directory, manifest, exact=True)
+    prompts = verify_prompts(tokenizer, exact.max_context, steps)
+    if graph is None:
+        return BuildVerification(verify(EagerReference(model), exact, prompts, tolerance, steps))
+    capacity = max(2, max(len(p) for p in prompts) + steps + 1)
+    result = verify(GraphReference(graph, capacity), exact, prompts, tolerance, steps)
+    del exact
+    fast = session_class(directory, manifest)
+    if not fast.fast_kernels:  # the default session is the exact one
+        return BuildVerification(result)
+    decode = verify(GraphReference(graph, capacity), fast, prompts, tolerance, steps)
+    record = {
+        "kernels": fast.fast_kernels,
+        "max_abs_diff": decode.max_abs_diff,
+        "greedy_agreement": decode.greedy_agreement,
+        "steps_compared": decode.steps_compared,
+    }
+    return BuildVerification(result, record)

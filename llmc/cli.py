@@ -198,6 +198,12 @@ class _RichProgress:
     metavar="PCT",
     help="Refuse (exit 3) an artifact whose perplexity exceeds fp32's by more, e.g. 5%.",
 )
+@click.option(
+    "--dump-after",
+    multiple=True,
+    metavar="PASS",
+    help="Write the graph after this pass to llmc-dumps/NN-PASS.py (repeatable; debugging).",
+)
 def build(max_ppl_increase, **flags):
     """Build MODEL into a verified artifact.
 

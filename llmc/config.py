@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmc.errors import LlmcError
+
 DEFAULT_ARTIFACTS = Path("artifacts")
 
 
@@ -23,13 +25,16 @@ class BuildConfig:
     quant: str | None = None  # "int8" | "int4" | "gptq" | "awq"
     group_size: int = 32  # 0: one group per output channel
     sym: bool | None = None  # None: symmetric for int8, asymmetric for 4-bit methods
-    calib: Path | None = None  # text for GPTQ/AWQ (None: the shipped dev text when present)
+    calib: Path | None = None  # text for GPTQ/AWQ (None: the text shipped with llmc)
     calib_samples: int = 32
     calib_seqlen: int = 256
     # perplexity and the quality gate (llmc/evaluate.py)
     eval_file: Path | None = None
     eval_tokens: int = 8192
     max_ppl_increase: float | None = None  # fraction, e.g. 0.05
+    # debugging: write the graph after these passes (names) into dump_dir
+    dump_after: tuple[str, ...] = ()
+    dump_dir: Path = Path("llmc-dumps")
 
     def describe(self) -> dict:
         return {
@@ -43,3 +48,33 @@ class BuildConfig:
             **({"precision": self.precision} if self.precision else {}),
             **({"eval": str(self.eval_file)} if self.eval_file else {}),
         }
+
+    def check(self) -> None:
+        """Flag combinations that cannot work, refused before any heavy work (LlmcError)."""
+        if self.max_ppl_increase is not None and self.eval_file is None:
+            raise LlmcError("--max-ppl-increase needs --eval FILE, the text to measure it on.")
+        if self.eval_file is not None and not Path(self.eval_file).is_file():
+            raise LlmcError(f"--eval {self.eval_file} is not a file; pass a UTF-8 text file.")
+        if self.quant is None:
+            if self.sym is not None or self.calib is not None:
+                raise LlmcError(
+                    "--sym/--asym and --calib only apply with --quant; add --quant int4."
+                )
+            return
+        g = self.group_size
+        if g and (g & (g - 1) or not 16 <= g <= 256):
+            raise LlmcError(
+                f"--group-size {g}: use a power of two from 16 to 256, or 0 for one group per row."
+            )
+        if self.calib is not None and not Path(self.calib).is_file():
+            raise LlmcError(f"--calib {self.calib} is not a file; pass a UTF-8 text file.")
+
+    def quant_config(self):
+        """The QuantConfig of --quant/--group-size/--sym (None: fp32)."""
+        if self.quant is None:
+            return None
+        from llmc.passes.quantize_weights import METHODS, QuantConfig
+
+        if self.quant not in METHODS:
+            raise LlmcError(f"--quant {self.quant}: choose one of {', '.join(METHODS)}.")
+        return QuantConfig(self.quant, group=self.group_size, sym=self.sym)

@@ -91,3 +91,54 @@ class TorchScorer:
         with torch.no_grad():
             out = self.model(input_ids=torch.as_tensor(ids)[None], use_cache=False)
         return out.logits[0].float().numpy()
+
+
+# -- llmc build --eval and its quality gate ---------------------------------------------------
+def evaluate_build(session_class, directory: Path, manifest: dict, config, model, tokenizer):
+    """The artifact's perplexity (its default session: what users run, and what the gate
+    judges) and the fp32 PyTorch model's, on the same windows; where the default session
+    scores text on fast kernels, the exact kernels' perplexity too."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, verbose=False)["input_ids"]
+
+    def measure(session, reference=None) -> dict:
+        tokens = config.eval_tokens
+        return evaluate_session(
+            session, encode, config.eval_file, max_tokens=tokens, reference=reference
+        )
+
+    session = session_class(directory, manifest)
+    ours = measure(session, TorchScorer(model))
+    reference = ours.pop("reference_perplexity")
+    entry = {
+        **ours,
+        "reference": {"engine": "pytorch-fp32", "perplexity": reference},
+        "increase": ours["perplexity"] / reference - 1,
+        "max_increase": config.max_ppl_increase,
+    }
+    if getattr(session, "fast_prompts", False):
+        del session
+        exact = measure(session_class(directory, manifest, exact=True))["perplexity"]
+        entry["exact"] = {"perplexity": exact, "increase": exact / reference - 1}
+    return entry
+
+
+def describe(e: dict) -> str:
+    exact = f"; exact kernels {e['exact']['increase']:+.2%}" if "exact" in e else ""
+    return (
+        f"perplexity {e['perplexity']:.3f} on {e['tokens']} tokens of {e['file']} "
+        f"(fp32 PyTorch {e['reference']['perplexity']:.3f}, {e['increase']:+.2%}{exact})"
+    )
+
+
+def quality_gate(evaluation: dict) -> None:
+    """Refuse (QualityGateError, exit 3) an artifact past its --max-ppl-increase."""
+    from llmc.errors import QualityGateError
+
+    limit = evaluation["max_increase"]
+    if limit is not None and evaluation["increase"] > limit:
+        raise QualityGateError(
+            f"{describe(evaluation)} exceeds --max-ppl-increase {limit:.1%}; "
+            "nothing was written. Try a gentler --quant, a smaller --group-size, or gptq/awq."
+        )

@@ -9,9 +9,8 @@ from llmc.errors import ArtifactError
 
 def reverify(directory: Path, tolerance: float | None = None):
     from llmc.artifact import read_manifest
-    from llmc.build import default_tolerance, verify_prompts
     from llmc.compiler import sources
-    from llmc.compiler.verify import EagerReference, verify
+    from llmc.compiler.verify import EagerReference, default_tolerance, verify, verify_prompts
     from llmc.targets import get
 
     manifest = read_manifest(directory)

@@ -8,13 +8,13 @@ After:  out = aten.add(x, 1)
 from __future__ import annotations
 
 from llmc.compiler.graph import Graph
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport
 
 
-class EliminateDeadCode:
+class EliminateDeadCode(Pass):
     name = "eliminate_dead_code"
 
-    def run(self, graph: Graph) -> PassReport:
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         before = len(graph.fx.nodes)
         graph.fx.eliminate_dead_code()
         removed = before - len(graph.fx.nodes)

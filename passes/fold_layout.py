@@ -15,7 +15,7 @@ the same two dims and chains of pure reshapes (element order unchanged) are fold
 from __future__ import annotations
 
 from llmc.compiler.graph import Graph, shape_str
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport
 from llmc.passes._util import aten, erase_unused, is_call
 
 RESHAPES = (
@@ -54,10 +54,10 @@ def _dims(node) -> frozenset:
     return frozenset(d % rank for d in node.args[1:3])
 
 
-class FoldLayout:
+class FoldLayout(Pass):
     name = "fold_layout"
 
-    def run(self, graph: Graph) -> PassReport:
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         transposes = reshapes = 0
         changed = True
         while changed:

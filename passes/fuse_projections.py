@@ -14,16 +14,16 @@ from collections import defaultdict
 import torch
 
 from llmc.compiler.graph import Graph, module_path
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport
 from llmc.passes._util import aten, erase_unused, is_call
 
 
-class _FuseSiblings:
+class _FuseSiblings(Pass):
     name = ""
     parent_kind = ""  # substring of the parent module's class name
     wanted = 2
 
-    def run(self, graph: Graph) -> PassReport:
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         groups: dict[tuple, list[torch.fx.Node]] = defaultdict(list)
         parents = set()
         for node in graph.fx.nodes:

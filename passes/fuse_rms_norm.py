@@ -18,7 +18,7 @@ import torch
 
 from llmc.compiler.graph import Graph, module_path
 from llmc.compiler.ops import rms_norm_ref
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport
 from llmc.passes._util import aten, erase_unused, evaluate, is_call
 
 
@@ -68,10 +68,10 @@ def _match(graph: Graph, nodes: list[torch.fx.Node]):
     return x, w, frontier[0], float(eps), outputs[0]
 
 
-class FuseRmsNorm:
+class FuseRmsNorm(Pass):
     name = "fuse_rms_norm"
 
-    def run(self, graph: Graph) -> PassReport:
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         fused, notes = 0, []
         regions = norm_regions(graph)
         for path, nodes in regions.items():

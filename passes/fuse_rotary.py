@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from llmc.compiler.graph import Graph, module_path
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport
 from llmc.passes._util import NeedsInput, aten, erase_unused, evaluate, is_call
 
 
@@ -56,10 +56,10 @@ def _match(node):
     return None
 
 
-class FuseRotary:
+class FuseRotary(Pass):
     name = "fuse_rotary"
 
-    def run(self, graph: Graph) -> PassReport:
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         fused, notes, tables = 0, [], {}
         matches = [(n, m) for n in graph.fx.nodes if (m := _match(n)) is not None]
         positions = graph.user_input("position_ids")

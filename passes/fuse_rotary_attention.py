@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from llmc.compiler.graph import Graph
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport
 from llmc.contract import KVMode
 from llmc.passes._util import erase_unused, is_call
 
@@ -21,10 +21,11 @@ ROTARY = torch.ops.llmc.rotary.default
 ATTENTION = torch.ops.llmc.attention.default
 
 
-class FuseRotaryAttention:
+class FuseRotaryAttention(Pass):
     name = "fuse_rotary_attention"
+    requires = ("replace_attention", "rewire_kv_cache", "fuse_rotary")
 
-    def run(self, graph: Graph) -> PassReport:
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         fused, notes = 0, []
         attentions = [n for n in graph.fx.nodes if is_call(n, ATTENTION)]
         if graph.kv_mode is not KVMode.SHARED:

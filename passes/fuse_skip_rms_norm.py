@@ -11,14 +11,15 @@ from __future__ import annotations
 import torch
 
 from llmc.compiler.graph import Graph, shape_str
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport
 from llmc.passes._util import aten, erase_unused, is_call
 
 
-class FuseSkipRmsNorm:
+class FuseSkipRmsNorm(Pass):
     name = "fuse_skip_rms_norm"
+    requires = ("fuse_rms_norm",)
 
-    def run(self, graph: Graph) -> PassReport:
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         fused, notes = 0, []
         norms = [n for n in graph.fx.nodes if is_call(n, torch.ops.llmc.rms_norm.default)]
         for norm in norms:

@@ -15,7 +15,7 @@ import operator
 import torch
 
 from llmc.compiler.graph import Graph
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport
 from llmc.passes._util import aten, erase_unused, is_call
 
 ATTENTION = torch.ops.llmc.attention.default
@@ -54,10 +54,11 @@ def _packed_source(q, k, v, kv_width: int):
     return split.args[0]
 
 
-class PackQkv:
+class PackQkv(Pass):
     name = "pack_qkv"
+    requires = ("fuse_qkv", "fuse_rotary_attention")
 
-    def run(self, graph: Graph) -> PassReport:
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         packed, notes = 0, []
         for node in [n for n in graph.fx.nodes if is_call(n, ATTENTION)]:
             q, k, v, past_k = node.args[:4]

@@ -20,7 +20,8 @@ import operator
 import torch
 
 from llmc.compiler.graph import Graph, shape_str
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport
+from llmc.compiler.trace import TraceOptions
 from llmc.contract import Logits
 from llmc.passes._util import aten, erase_unused, is_call
 
@@ -42,13 +43,13 @@ def lm_head(graph: Graph) -> tuple[torch.fx.Node | None, str]:
     return None, "no matmul within 8 nodes of the logits"
 
 
-class PruneLmHead:
+class PruneLmHead(Pass):
     name = "prune_lm_head"
 
-    def configure(self, options, model) -> None:
+    def configure(self, options: TraceOptions, model: torch.nn.Module, ctx: PassContext) -> None:
         options.logits_index = True
 
-    def run(self, graph: Graph) -> PassReport:
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         head, reason = lm_head(graph)
         if head is None:
             return self._skip(reason)

@@ -25,7 +25,7 @@ import torch
 from llmc.compiler import ops as _ops  # noqa: F401  (registers the llmc ops)
 from llmc.compiler import quantize as Q
 from llmc.compiler.graph import Graph, module_path
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport
 from llmc.passes._util import aten, erase_unused, evaluate, is_call
 
 METHODS = {"int8": 8, "int4": 4, "gptq": 4, "awq": 4}
@@ -62,24 +62,23 @@ class QuantConfig:
         }
 
 
-class QuantizeWeights:
+class QuantizeWeights(Pass):
     name = "quantize_weights"
     lossy = True  # the pass manager records its difference instead of refusing it
 
     def __init__(self, config: QuantConfig):
         self.config = config
-        self.calibration: list[torch.Tensor] = []  # token id rows [S], set by the build
 
-    def run(self, graph: Graph) -> PassReport:
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         from llmc.passes.prune_lm_head import lm_head
 
         cfg = self.config
-        if cfg.calibrated and not self.calibration:
-            raise ValueError(f"{cfg.method} needs calibration sequences")
+        if cfg.calibrated and not ctx.calibration:
+            raise ValueError(f"{cfg.method} needs calibration sequences (PassContext.calibration)")
         linears = [n for n in graph.fx.nodes if _weight(graph, n) is not None]
         head, _ = lm_head(graph)
         notes: list[str] = []
-        stats = _Statistics(graph, linears, self.calibration, cfg) if cfg.calibrated else None
+        stats = _Statistics(graph, linears, ctx.calibration, cfg) if cfg.calibrated else None
         if cfg.method == "awq":
             notes += _apply_awq(graph, linears, stats, cfg, head)
         counts = {"quantized": 0, "int4": 0, "int8": 0, "fp32": 0, "embeddings": 0}
@@ -114,8 +113,10 @@ class QuantizeWeights:
                 continue
             _replace_embedding(graph, node, Q.rtn(table, 8, group, sym=True))
             counts["embeddings"] += 1
-        graph.quantization = cfg.recipe()
-        return PassReport(self.name, modified=True, counts=counts, notes=notes)
+        modified = counts["quantized"] + counts["embeddings"] > 0
+        if modified:
+            graph.quantization = cfg.recipe()
+        return PassReport(self.name, modified=modified, counts=counts, notes=notes)
 
 
 # -- quantizing one weight ------------------------------------------------------------------------

@@ -9,15 +9,15 @@ from __future__ import annotations
 import torch
 
 from llmc.compiler.graph import Graph
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport
 
 _ASSERTIONS = (torch.ops.aten._assert_tensor_metadata.default,)
 
 
-class RemoveAssertions:
+class RemoveAssertions(Pass):
     name = "remove_assertions"
 
-    def run(self, graph: Graph) -> PassReport:
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         removed = 0
         for node in list(graph.fx.nodes):
             if node.op == "call_function" and node.target in _ASSERTIONS and not node.users:

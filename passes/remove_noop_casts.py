@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from llmc.compiler.graph import Graph
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport
 
 _CASTS = (
     torch.ops.aten.to.dtype,
@@ -39,10 +39,10 @@ def _is_noop(node: torch.fx.Node) -> bool:
     )
 
 
-class RemoveNoopCasts:
+class RemoveNoopCasts(Pass):
     name = "remove_noop_casts"
 
-    def run(self, graph: Graph) -> PassReport:
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         removed = 0
         for node in list(graph.fx.nodes):
             if node.op == "call_function" and node.target in _NOOPS and _is_noop(node):

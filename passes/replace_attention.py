@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from llmc.compiler.graph import Graph
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport, Stage
 from llmc.compiler.trace import ATTENTION_NAME, TraceOptions
 
 _LEFTOVERS = (
@@ -25,20 +25,20 @@ _LEFTOVERS = (
 )
 
 
-class ReplaceAttention:
+class ReplaceAttention(Pass):
     name = "replace_attention"
-    stage = "trace"
+    stage = Stage.TRACE
 
-    def configure(self, options: TraceOptions, model: torch.nn.Module) -> None:
+    def configure(self, options: TraceOptions, model: torch.nn.Module, ctx: PassContext) -> None:
         if getattr(model, "_supports_attention_backend", True) is False:
-            options.notes.append(f"{self.name}: the model does not use AttentionInterface")
+            ctx.note(self.name, "the model does not use AttentionInterface")
             return
         options.attention = ATTENTION_NAME
 
-    def run(self, graph: Graph) -> PassReport:
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         found = graph.count(torch.ops.llmc.attention.default)
         layers = graph.spec.num_layers
-        notes = [n for n in graph.notes if n.startswith(self.name)]
+        notes = list(ctx.notes[self.name])
         if found < layers:
             notes.append(f"{layers - found} of {layers} layers still use the model's attention")
         histogram = graph.op_histogram()

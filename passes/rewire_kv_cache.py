@@ -15,28 +15,29 @@ from __future__ import annotations
 import torch
 
 from llmc.compiler.graph import Graph
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport, Stage
 from llmc.compiler.trace import ATTENTION_NAME, TraceOptions
 from llmc.contract import KVMode
 
 
-class RewireKvCache:
+class RewireKvCache(Pass):
     name = "rewire_kv_cache"
-    stage = "trace"
+    requires = ("replace_attention",)
+    stage = Stage.TRACE
 
     def __init__(self, mode: KVMode = KVMode.SHARED):
         if mode not in (KVMode.CONCAT, KVMode.SHARED):
             raise ValueError(f"a traced graph's KV mode is concat or shared, not {mode!r}")
         self.mode = KVMode(mode)
 
-    def configure(self, options: TraceOptions, model: torch.nn.Module) -> None:
+    def configure(self, options: TraceOptions, model: torch.nn.Module, ctx: PassContext) -> None:
         if self.mode is KVMode.SHARED and options.attention != ATTENTION_NAME:
-            options.notes.append(f"{self.name}: shared KV needs replace_attention; kept concat")
+            ctx.note(self.name, "shared KV needs replace_attention; kept concat")
             return
         options.kv_mode = self.mode
 
-    def run(self, graph: Graph) -> PassReport:
-        notes = [n for n in graph.notes if n.startswith(self.name)]
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
+        notes = list(ctx.notes[self.name])
         rewired = graph.kv_mode is self.mode is not KVMode.CONCAT
         layers = graph.count(torch.ops.llmc.attention.default) if rewired else 0
         return PassReport(

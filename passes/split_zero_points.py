@@ -18,19 +18,20 @@ import torch
 
 from llmc.compiler import ops as _ops  # noqa: F401  (registers the llmc ops)
 from llmc.compiler.graph import Graph
-from llmc.compiler.pass_manager import PassReport
+from llmc.compiler.pass_manager import Pass, PassContext, PassReport
 from llmc.passes._util import aten, is_call
 
 _LINEAR_NBITS = torch.ops.llmc.linear_nbits.default
 
 
-class SplitZeroPoints:
+class SplitZeroPoints(Pass):
     name = "split_zero_points"
+    requires = ("quantize_weights",)
     # exact in real arithmetic; in fp32 the two terms round differently from one dequantized
     # weight, which over 30 layers moves SmolLM2's logits by ~2e-5 of their scale
     tolerance = 1e-4
 
-    def run(self, graph: Graph) -> PassReport:
+    def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         sums: dict = {}  # (input node, group) -> node of its group sums
         summers: dict = {}  # (K, group) -> constant node of E
         split = 0

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 from dataclasses import dataclass
 
 from llmc.errors import TargetError
+
+# BuildConfig fields (and `llmc build` flags) that only some targets take: a target takes those its
+# `Options` dataclass (in its package's __init__) has a field for.
+TARGET_FLAGS = ("precision",)
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """The build options of a target without any of its own."""
 
 
 @dataclass(frozen=True)
@@ -28,8 +38,27 @@ class TargetInfo:
     def pipeline(self, **options) -> list:
         return importlib.import_module(f"{self.module}.pipeline").pipeline(**options)
 
-    def emit(self, graph, out_dir):
-        return importlib.import_module(f"{self.module}.emit").emit(graph, out_dir)
+    def emit(self, graph, out_dir, options: TargetOptions | None = None):
+        emit = importlib.import_module(f"{self.module}.emit").emit
+        return emit(graph, out_dir, options or self.options_class()())
+
+    def options_class(self) -> type:
+        return getattr(importlib.import_module(self.module), "Options", TargetOptions)
+
+    def options(self, config) -> TargetOptions:
+        """This target's typed options from a BuildConfig; a flag it does not take is refused."""
+        taken = {f.name for f in dataclasses.fields(self.options_class())}
+        given = {k: v for k in TARGET_FLAGS if (v := getattr(config, k, None)) is not None}
+        for flag in sorted(given.keys() - taken):
+            owners = [
+                t.name
+                for t in TARGETS.values()
+                if t.ready and flag in {f.name for f in dataclasses.fields(t.options_class())}
+            ]
+            raise TargetError(
+                f"--{flag} applies to --target {' or '.join(owners)}, not {self.name}."
+            )
+        return self.options_class()(**given)
 
     def session_class(self):
         return importlib.import_module(f"{self.module}.session").Session

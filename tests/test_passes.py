@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from llmc.compiler.graph import Graph
-from llmc.compiler.pass_manager import run_pipeline, select, trace_options
+from llmc.compiler.pass_manager import PassContext, run_pipeline, select, trace_options
 from llmc.compiler.spec import ModelSpec
 from llmc.compiler.trace import trace
+from llmc.contract import KVMode
 from llmc.errors import LlmcError
 from llmc.passes.eliminate_dead_code import EliminateDeadCode
 from llmc.passes.fold_layout import FoldLayout
@@ -22,6 +23,7 @@ from llmc.passes.pack_qkv import PackQkv
 from llmc.passes.prune_lm_head import PruneLmHead
 from llmc.passes.remove_assertions import RemoveAssertions
 from llmc.passes.remove_noop_casts import RemoveNoopCasts
+from llmc.passes.rewire_kv_cache import RewireKvCache
 from llmc.targets.onnx.pipeline import pipeline
 
 llmc_ops = torch.ops.llmc
@@ -68,11 +70,15 @@ GOLDEN = {
 }
 
 
-def traced_graph(tiny_model, arch: str, passes=None) -> Graph:
+def traced_graph(tiny_model, arch: str, passes=None, ctx: PassContext | None = None) -> Graph:
+    """tiny:ARCH traced as `passes` ask (the ONNX pipeline's by default); what trace-time
+    passes note goes to `ctx`, which the test then gives run_pipeline."""
     model, _ = tiny_model(arch)
     spec = ModelSpec.from_config(model.config)
-    options = trace_options(passes if passes is not None else pipeline(), model)
-    return Graph.from_trace(trace(model, spec, options=options), spec, options)
+    options = trace_options(
+        passes if passes is not None else pipeline(), model, ctx or PassContext()
+    )
+    return Graph.from_trace(trace(model, spec, options=options), spec)
 
 
 def upto(name: str) -> list:
@@ -169,7 +175,7 @@ def test_fuse_rms_norm_rejects_a_look_alike_with_the_reason():
     ep = torch.export.export(TwoNorms(), (torch.randn(2, 3, 8),))
     graph = Graph(ep, spec=None, input_names=["x"], output_names=["y"])
     before = graph.op_histogram()
-    report = FuseRmsNorm().run(graph)
+    report = FuseRmsNorm().run(graph, PassContext())
     assert not report.modified and report.counts == {"fused": 0, "unmatched": 1}
     assert "norm: computes something else than RMSNorm" in report.notes[0]
     assert graph.op_histogram() == before
@@ -253,7 +259,7 @@ def test_prune_lm_head_positive_and_negative(tiny_model):
     chosen = [n for n in graph.fx.nodes if n.target == aten.index_select.default]
     assert {str(n.args[0].target) for n in chosen} == {"<built-in function getitem>"}
     assert any(n.args[0].args[0].target == llmc_ops.attention.default for n in chosen)
-    again = PruneLmHead().run(graph)  # already selected: untouched, with the reason
+    again = PruneLmHead().run(graph, PassContext())  # already selected: untouched, with the reason
     assert not again.modified and again.notes[0].endswith("not selected by logits_index")
 
 
@@ -265,8 +271,9 @@ def test_pack_qkv_positive_and_negative(tiny_model):
     assert report.counts == {"packed": 2, "unmatched": 0} and report.max_abs_diff <= 1e-6
     attention = next(n for n in graph.fx.nodes if n.target == llmc_ops.attention.default)
     assert attention.args[0].target == aten.linear.default and attention.args[1] is None
-    # without rotary inside attention, q and k must stay apart (each is rotated on its own)
-    passes = select(pipeline(), "-fuse_rotary_attention")
+    # without rotary inside attention, q and k must stay apart (each is rotated on its own);
+    # `select` refuses that pipeline, so it is built by hand to see the pass's own refusal
+    passes = [p for p in pipeline() if p.name != "fuse_rotary_attention"]
     graph = traced_graph(tiny_model, "qwen2", passes)
     run_pipeline(graph, passes[: [p.name for p in passes].index("pack_qkv")])
     report, before, after = apply(graph, PackQkv())
@@ -283,14 +290,14 @@ def test_fold_layout_cancels_round_trips_and_leaves_real_transposes():
 
     ep = torch.export.export(M(), (torch.randn(2, 3, 8),))
     graph = Graph(ep, spec=None, input_names=["x"], output_names=["y", "z"])
-    report = FoldLayout().run(graph)
+    report = FoldLayout().run(graph, PassContext())
     assert report.counts == {"folded": 2, "transposes": 1, "reshapes": 1}
     hist = graph.op_histogram()
     assert hist["aten.transpose.int"] == 1 and hist["aten.view.default"] == 1
     x = torch.randn(2, 3, 8)
     y, z = graph.program.module()(x)
     assert torch.equal(y, x * 2) and torch.equal(z, x.view(2, 3, 2, 4).transpose(1, 2))
-    assert not FoldLayout().run(graph).modified
+    assert not FoldLayout().run(graph, PassContext()).modified
 
 
 def test_fuse_rotary_attention_positive_and_concat_negative(tiny_model):
@@ -312,12 +319,19 @@ def test_trace_passes_report_and_depend_on_each_other(tiny_model):
     graph = traced_graph(tiny_model, "qwen2")
     reports = {r.name: r for r in run_pipeline(graph, pipeline()[:2])}
     assert reports["replace_attention"].counts == {"attention": 2, "layers": 2}
-    assert graph.kv_mode == "shared" and graph.input_names[2] == "seqlens_k"
-    passes = select(pipeline(), "-replace_attention")
-    graph = traced_graph(tiny_model, "qwen2", passes)
-    (rewire,) = [r for r in run_pipeline(graph, passes[:1])]
-    assert not rewire.modified and graph.kv_mode == "concat"
-    assert "shared KV needs replace_attention; kept concat" in rewire.notes[0]
+    assert graph.kv_mode is KVMode.SHARED and graph.input_names[2] == "seqlens_k"
+    # disabling a pass others need is refused, naming them
+    with pytest.raises(LlmcError, match="rewire_kv_cache, fuse_rotary_attention without it") as e:
+        select(pipeline(), "-replace_attention")
+    chain = "-replace_attention,-rewire_kv_cache,-fuse_rotary_attention,-pack_qkv"
+    assert f"(--passes {chain})" in str(e.value)  # the suggestion works: pack_qkv needs one too
+    assert "replace_attention" not in {p.name for p in select(pipeline(), chain)}
+    # the shared KV mode without llmc attention: noted at trace time, kept concat
+    ctx, passes = PassContext(), [RewireKvCache(KVMode.SHARED)]
+    graph = traced_graph(tiny_model, "qwen2", passes, ctx)
+    (rewire,) = run_pipeline(graph, passes, ctx)
+    assert not rewire.modified and graph.kv_mode is KVMode.CONCAT
+    assert rewire.notes[0] == "shared KV needs replace_attention; kept concat"
     assert "aten.scaled_dot_product_attention.default" in graph.op_histogram()
 
 
@@ -328,7 +342,7 @@ def test_noop_cast_pass_keeps_real_casts():
 
     ep = torch.export.export(M(), (torch.randn(3),))
     graph = Graph(ep, spec=None, input_names=["x"], output_names=["y"])
-    report = RemoveNoopCasts().run(graph)
+    report = RemoveNoopCasts().run(graph, PassContext())
     casts = [n for n in graph.fx.nodes if n.op == "call_function" and "to" in str(n.target)]
     # Only `x.to(float32)` on an f32 input is a no-op; the f16 round trip changes values.
     assert report.counts["removed"] == 1 and report.modified
@@ -345,17 +359,21 @@ def test_dead_code_pass_removes_only_unused():
     x = next(n for n in graph.fx.nodes if n.op == "placeholder")
     with graph.fx.inserting_after(x):
         graph.fx.call_function(torch.ops.aten.mul.Tensor, (x, x))  # nobody uses it
-    report = EliminateDeadCode().run(graph)
+    report = EliminateDeadCode().run(graph, PassContext())
     assert report.modified and report.counts == {"removed": 1, "tensors": 0}
     targets = [n.target for n in graph.fx.nodes if n.op == "call_function"]
     assert targets == [torch.ops.aten.add.Tensor]
-    assert EliminateDeadCode().run(graph).modified is False
-    assert RemoveAssertions().run(graph).modified is False
+    assert EliminateDeadCode().run(graph, PassContext()).modified is False
+    assert RemoveAssertions().run(graph, PassContext()).modified is False
 
 
 def test_select_disables_a_pass_and_rejects_unknown_names():
-    names = [p.name for p in select(pipeline(), "-fuse_qkv,-prune_lm_head")]
-    assert "fuse_qkv" not in names and "prune_lm_head" not in names and len(names) == 11
+    names = [p.name for p in select(pipeline(), "-eliminate_dead_code,-prune_lm_head")]
+    assert "eliminate_dead_code" not in names and "prune_lm_head" not in names and len(names) == 11
+    with pytest.raises(LlmcError, match="would leave pack_qkv without it"):
+        select(pipeline(), "-fuse_qkv")
+    with pytest.raises(LlmcError, match="--dump-after fuse_everything: not a pass"):
+        select(pipeline(), None, dump_after=("fuse_everything",))
     with pytest.raises(LlmcError, match="not one of"):
         select(pipeline(), "-fuse_everything")
     with pytest.raises(LlmcError, match="names to disable"):

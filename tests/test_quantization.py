@@ -152,20 +152,20 @@ def test_llmc_ops_compute_the_dequantized_product():
 
 def quantized_graph(tiny_model, arch, config, model=None):
     from llmc.compiler.graph import Graph
-    from llmc.compiler.pass_manager import run_pipeline, trace_options
+    from llmc.compiler.pass_manager import PassContext, run_pipeline, trace_options
     from llmc.compiler.spec import ModelSpec
     from llmc.compiler.trace import trace
     from llmc.targets.onnx.pipeline import pipeline
 
     model = model if model is not None else tiny_model(arch)[0]
     spec = ModelSpec.from_config(model.config)
-    passes = pipeline(quant=config)
+    passes, ctx = pipeline(quant=config), PassContext()
     if config.calibrated:
         ids = torch.randint(0, spec.vocab_size, (4, 48), generator=torch.Generator().manual_seed(0))
-        passes[-3].calibration = list(ids)
-    options = trace_options(passes, model)
-    graph = Graph.from_trace(trace(model, spec, options=options), spec, options)
-    return graph, {r.name: r for r in run_pipeline(graph, passes)}
+        ctx.calibration = list(ids)
+    options = trace_options(passes, model, ctx)
+    graph = Graph.from_trace(trace(model, spec, options=options), spec)
+    return graph, {r.name: r for r in run_pipeline(graph, passes, ctx)}
 
 
 def test_quantize_weights_policy_counts_and_notes(tiny_model):

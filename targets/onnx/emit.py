@@ -54,7 +54,7 @@ def _drop_unused_optional_outputs(model) -> int:
     return dropped
 
 
-def emit(graph: Graph, out_dir: Path) -> EmitResult:
+def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
     import onnx
     import onnxruntime
     import onnxscript

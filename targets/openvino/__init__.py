@@ -1,2 +1,11 @@
 """OpenVINO target: convert the passed ExportedProgram with openvino.convert_model, make the KV
 cache stateful, run it on OpenVINO's CPU plugin."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Options:
+    """`llmc build --target openvino` options."""
+
+    precision: str = "f32"  # what the artifact runs at: f32 (exact) or bf16 (not verified)

@@ -161,7 +161,7 @@ def _stateful_io(graph: Graph, saved):
     return io
 
 
-def emit(graph: Graph, out_dir: Path) -> EmitResult:
+def emit(graph: Graph, out_dir: Path, options) -> EmitResult:
     import openvino as ov
 
     from llmc.targets.openvino.lowering import conversion_extensions
@@ -190,7 +190,7 @@ def emit(graph: Graph, out_dir: Path) -> EmitResult:
         flavor="openvino-cpu",
         io=_stateful_io(graph, saved),
         target={
-            "precision": "f32",
+            "precision": options.precision,  # verification still runs at f32
             "fused_ops": fused,
             "weights": WEIGHTS_FILE,
             **({"dynamic_quantization": _integer_zero_points(graph)} if graph.quantization else {}),
