@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from llmc.compiler.graph import Graph
+from llmc.compiler.op_args import AttentionCall
 from llmc.compiler.pass_manager import Pass, PassContext, PassReport
 from llmc.contract import KVMode
 from llmc.passes._util import erase_unused, is_call
@@ -33,19 +34,19 @@ class FuseRotaryAttention(Pass):
             attentions = []
         positions = graph.user_input("position_ids") if attentions else None
         for node in attentions:
-            q, k = node.args[0], node.args[1]
+            call = AttentionCall.from_node(node)
+            q, k = call.q, call.k  # rotary(x, cos, sin, positions, interleaved) each
             if not (is_call(q, ROTARY) and is_call(k, ROTARY)):
-                notes.append(f"{node.name}: q and k are not both rotated")
+                notes.append(self.fail("q and k are not both rotated", node))
                 continue
             if q.args[1:] != k.args[1:] or q.args[3] is not positions or q.args[4]:
-                notes.append(f"{node.name}: q and k use different tables or positions")
+                notes.append(self.fail("q and k use different tables or positions", node))
                 continue
-            if node.args[10] is not None:
-                notes.append(f"{node.name}: already has rotary tables")
+            if call.rotary_inside:
+                notes.append(self.fail("already has rotary tables", node))
                 continue
-            args = list(node.args)
-            args[0], args[1], args[10], args[11] = q.args[0], k.args[0], q.args[1], q.args[2]
-            node.args = tuple(args)
+            call.q, call.k, call.cos, call.sin = q.args[0], k.args[0], q.args[1], q.args[2]
+            call.write()
             erase_unused(graph, [q, k])
             fused += 1
         return PassReport.matches(self.name, fused, notes)

@@ -15,6 +15,7 @@ import operator
 import torch
 
 from llmc.compiler.graph import Graph
+from llmc.compiler.op_args import AttentionCall
 from llmc.compiler.pass_manager import Pass, PassContext, PassReport
 from llmc.passes._util import aten, erase_unused, is_call
 
@@ -61,18 +62,21 @@ class PackQkv(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         packed, notes = 0, []
         for node in [n for n in graph.fx.nodes if is_call(n, ATTENTION)]:
-            q, k, v, past_k = node.args[:4]
+            call = AttentionCall.from_node(node)
+            q, k, v = call.q, call.k, call.v
             if k is None:
                 continue
-            if node.args[10] is None:
-                notes.append(f"{node.name}: rotary is not inside attention; q and k stay apart")
+            if not call.rotary_inside:
+                notes.append(self.fail("rotary is not inside attention; q and k stay apart", node))
                 continue
-            kv_width = past_k.meta["val"].shape[1] * past_k.meta["val"].shape[3]
+            past = call.past_k.meta["val"].shape  # [B, KVH, P, D]
+            kv_width = past[1] * past[3]
             source = _packed_source(q, k, v, kv_width) or _sliced_source(q, k, v, kv_width)
             if source is None:
-                notes.append(f"{node.name}: q, k, v are not the three parts of one projection")
+                notes.append(self.fail("q, k, v are not the three parts of one projection", node))
                 continue
-            node.args = (source, None, None, *node.args[3:])
+            call.q, call.k, call.v = source, None, None
+            call.write()
             erase_unused(graph, [q, k, v, q.args[0]])
             packed += 1
         return PassReport.matches(self.name, packed, notes, key="packed")
