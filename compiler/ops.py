@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from llmc import quant_layout
+from llmc.compiler.quantize import dequantize
+
 # -- references ----------------------------------------------------------------------------------
 
 
@@ -123,16 +126,11 @@ def attention_ref(
 def _dequantize_packed(
     qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group: int
 ) -> Tensor:
-    """Packed codes [N, K*bits/8] (4-bit: even channel in the low nibble), scales and zeros
-    [N, K/group] -> W [N, K] = (q - zero) * scale; no zeros: the symmetric 2^(bits-1)."""
-    if bits == 4:
-        codes = torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).flatten(-2)
-    else:
-        codes = qweight
-    n, k = codes.shape
-    q = codes.to(scales.dtype).view(n, k // group, group)
-    zero = zeros.unsqueeze(-1) if zeros is not None else float(2 ** (bits - 1))
-    return ((q - zero) * scales.unsqueeze(-1)).view(n, k)
+    """`llmc.quant_layout.dequantize` on tensors, in the traced graph: packed codes
+    [N, K*bits/8], scales and zeros [N, K/group] -> W [N, K] = (q - zero) * scale."""
+    codes = quant_layout.unpack(qweight, bits)
+    zero = zeros if zeros is not None else float(quant_layout.symmetric_zero(bits))
+    return dequantize(codes, scales, zero, group)
 
 
 def linear_nbits_ref(
@@ -176,7 +174,7 @@ def _(x, qweight, scales, zeros, bits, group, bias):
 
 @embedding_nbits.register_fake
 def _(ids, qweight, scales, zeros, bits, group):
-    return scales.new_empty((*ids.shape, qweight.shape[1] * 8 // bits))
+    return scales.new_empty((*ids.shape, quant_layout.unpacked_width(qweight.shape[1], bits)))
 
 
 @rms_norm.register_fake

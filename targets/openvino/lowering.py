@@ -95,19 +95,19 @@ def _dequantized(context, first: int):
     import openvino as ov
     import openvino.opset13 as opset
 
+    from llmc import quant_layout
+
     packed, scales = _constant(context, first), _constant(context, first + 1)
     zeros = _constant(context, first + 2) if context.get_input_size() > first + 2 else None
     bits = int(context.get_values_from_const_input(first + 3, None, None))
     group = int(context.get_values_from_const_input(first + 4, None, None))
     if packed is None or scales is None:
         raise ValueError("quantized weights must be constants for the OpenVINO lowering")
-    codes = packed
-    if bits == 4:
-        codes = np.stack((packed & 15, packed >> 4), -1).reshape(packed.shape[0], -1)
+    codes = quant_layout.unpack(packed, bits)
     n, k = codes.shape
     shape = [n, k // group, group]
     if zeros is None:  # symmetric: signed codes, no subtraction
-        signed = codes.astype(np.int16) - 2 ** (bits - 1)
+        signed = codes.astype(np.int16) - quant_layout.symmetric_zero(bits)
         q = opset.constant(
             signed.reshape(shape).astype(np.int8), ov.Type.i4 if bits == 4 else ov.Type.i8
         )
