@@ -5,26 +5,16 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from llmc.targets.base import EmitResult
 
 if TYPE_CHECKING:
     from llmc.compiler.graph import Graph
 
 MODEL_FILE = "model.onnx"
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EmitResult:
-    files: list[str]
-    op_histogram: dict[str, int]
-    toolchain: dict[str, str]
-    flavor: str = "onnxruntime-cpu"
-    inputs: list[str] | None = None  # the emitted graph's inputs (unused ones may be dropped)
-    io: dict | None = None  # manifest "io" entries the target decides (a stateful KV mode)
-    target: dict | None = None  # extra manifest "target" entries (precision, fused ops)
 
 
 # Contrib ops whose trailing outputs are optional: an unused one left named is still computed

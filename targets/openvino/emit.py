@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmc.targets.onnx.emit import EmitResult
+from llmc.targets.base import EmitResult
 from llmc.targets.openvino.session import compile_properties
 
 if TYPE_CHECKING:
