@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from llmc import quant_layout
+from llmc.compiler.quantize import dequantize
+
 # -- references ----------------------------------------------------------------------------------
 
 
@@ -51,6 +54,25 @@ def rotary_ref(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleav
     return _rotate(heads, c, s, interleaved).flatten(-2)
 
 
+def split_qkv(
+    q: Tensor, k: Tensor | None, v: Tensor | None, kv_heads: int, d: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, k, v) as given, or split from q packed as [q | k | v] along the last dim."""
+    if k is None or v is None:
+        q, k, v = q.split([q.shape[-1] - 2 * kv_heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    return q, k, v
+
+
+def to_heads(x: Tensor, heads: int, d: int) -> Tensor:
+    """Packed [B, S, heads * D] -> [B, heads, S, D]."""
+    return x.unflatten(-1, (heads, d)).transpose(1, 2)
+
+
+def from_heads(x: Tensor) -> Tensor:
+    """[B, H, S, D] -> packed [B, S, H * D]."""
+    return x.transpose(1, 2).flatten(2)
+
+
 def _query_positions(seq_info: Tensor, s: int, past: int, shared: bool) -> Tensor:
     """Cache index of every new token, [B, S]."""
     steps = torch.arange(s, device=seq_info.device)
@@ -83,17 +105,18 @@ def attention_ref(
     length - 1 per row); the new keys/values are written at their positions; present is the
     buffer. `total` (int32 scalar, max total length) is only used by lowerings. `cos`/`sin` fuse
     RoPE (shared mode only: positions are cache indices). window 0: none; softcap 0: none.
+    OpenVINO decomposes the concat case to SDPA instead (targets/openvino/lowering.py, which says
+    why), through the same split_qkv / to_heads / from_heads.
     """
     b, s, _ = q.shape
     kv_heads, d = past_k.shape[1], past_k.shape[3]
-    if k is None or v is None:  # packed [q | k | v] along the last dim
-        q, k, v = q.split([q.shape[-1] - 2 * kv_heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k, v = split_qkv(q, k, v, kv_heads, d)
     positions = _query_positions(seq_info, s, past_k.shape[2], shared)
     if cos is not None and sin is not None:
         q = rotary_ref(q, cos, sin, positions, False)
         k = rotary_ref(k, cos, sin, positions, False)
-    k_new = k.unflatten(-1, (kv_heads, d)).transpose(1, 2)  # [B, KVH, S, D]
-    v_new = v.unflatten(-1, (kv_heads, d)).transpose(1, 2)
+    k_new = to_heads(k, kv_heads, d)  # [B, KVH, S, D]
+    v_new = to_heads(v, kv_heads, d)
     if shared:
         index = positions[:, None, :, None].expand(b, kv_heads, s, d)
         present_k = past_k.scatter(2, index, k_new)
@@ -102,7 +125,7 @@ def attention_ref(
         present_k = torch.cat((past_k, k_new), dim=2)
         present_v = torch.cat((past_v, v_new), dim=2)
     heads = q.shape[-1] // d
-    qh = q.unflatten(-1, (heads, d)).transpose(1, 2)  # [B, H, S, D]
+    qh = to_heads(q, heads, d)  # [B, H, S, D]
     keys = present_k.repeat_interleave(heads // kv_heads, dim=1)
     values = present_v.repeat_interleave(heads // kv_heads, dim=1)
     scores = torch.matmul(qh, keys.transpose(2, 3)) * scale  # [B, H, S, T]
@@ -116,23 +139,18 @@ def attention_ref(
         allowed = allowed & seq_info[:, None, :].bool()
     scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, values).transpose(1, 2).flatten(2)  # [B, S, H*D]
+    out = from_heads(torch.matmul(probs, values))  # [B, S, H*D]
     return out, present_k, present_v
 
 
 def _dequantize_packed(
     qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group: int
 ) -> Tensor:
-    """Packed codes [N, K*bits/8] (4-bit: even channel in the low nibble), scales and zeros
-    [N, K/group] -> W [N, K] = (q - zero) * scale; no zeros: the symmetric 2^(bits-1)."""
-    if bits == 4:
-        codes = torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).flatten(-2)
-    else:
-        codes = qweight
-    n, k = codes.shape
-    q = codes.to(scales.dtype).view(n, k // group, group)
-    zero = zeros.unsqueeze(-1) if zeros is not None else float(2 ** (bits - 1))
-    return ((q - zero) * scales.unsqueeze(-1)).view(n, k)
+    """`llmc.quant_layout.dequantize` on tensors, in the traced graph: packed codes
+    [N, K*bits/8], scales and zeros [N, K/group] -> W [N, K] = (q - zero) * scale."""
+    codes = quant_layout.unpack(qweight, bits)
+    zero = zeros if zeros is not None else float(quant_layout.symmetric_zero(bits))
+    return dequantize(codes, scales, zero, group)
 
 
 def linear_nbits_ref(
@@ -176,7 +194,7 @@ def _(x, qweight, scales, zeros, bits, group, bias):
 
 @embedding_nbits.register_fake
 def _(ids, qweight, scales, zeros, bits, group):
-    return scales.new_empty((*ids.shape, qweight.shape[1] * 8 // bits))
+    return scales.new_empty((*ids.shape, quant_layout.unpacked_width(qweight.shape[1], bits)))
 
 
 @rms_norm.register_fake

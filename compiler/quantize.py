@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llmc import quant_layout
+
 
 @dataclass
 class Quantized:
@@ -39,11 +41,18 @@ class Quantized:
     def dequantize(self) -> Tensor:
         return dequantize(self.codes, self.scales, self.zeros, self.group)
 
+    def packed(self) -> Tensor:
+        """The codes in the llmc layout, [N, K*bits/8] uint8 (llmc.quant_layout)."""
+        return torch.from_numpy(quant_layout.pack(self.codes.cpu().numpy(), self.bits))
 
-def dequantize(codes: Tensor, scales: Tensor, zeros: Tensor, group: int) -> Tensor:
+
+def dequantize(codes: Tensor, scales: Tensor, zeros: Tensor | float, group: int) -> Tensor:
+    """Codes [N, K], scales and zeros [N, K/group] (or one zero) -> W [N, K] in scales' dtype:
+    the torch twin of `llmc.quant_layout.dequantize_codes` (the llmc ops trace this one)."""
     n, k = codes.shape
-    q = codes.to(torch.float32).view(n, k // group, group)
-    return ((q - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).view(n, k)
+    q = codes.to(scales.dtype).view(n, k // group, group)
+    zero = zeros.unsqueeze(-1) if isinstance(zeros, Tensor) else zeros
+    return ((q - zero) * scales.unsqueeze(-1)).view(n, k)
 
 
 def grid(w: Tensor, bits: int, sym: bool, keep_grids: bool = False) -> tuple[Tensor, Tensor]:
@@ -57,7 +66,7 @@ def grid(w: Tensor, bits: int, sym: bool, keep_grids: bool = False) -> tuple[Ten
     if sym:
         top = 2 ** (bits - 1) - 1
         scale = w.abs().amax(-1) / top
-        zero = torch.full_like(scale, 2 ** (bits - 1))
+        zero = torch.full_like(scale, quant_layout.symmetric_zero(bits))
     else:
         top = 2**bits - 1
         lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)  # keep 0 exactly on the grid
@@ -181,21 +190,3 @@ def awq_scales(
         if loss < best:
             best, best_alpha, best_scale = loss, alpha, s
     return best_scale, best_alpha
-
-
-def pack(codes: Tensor, bits: int) -> Tensor:
-    """Codes [N, K] -> bytes [N, K*bits/8]; 4-bit: two per byte, the even channel in the low
-    nibble (onnxruntime's and OpenVINO's u4 order)."""
-    if bits == 8:
-        return codes.to(torch.uint8).contiguous()
-    if bits == 4:
-        c = codes.to(torch.uint8)
-        return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
-    raise ValueError(f"{bits}-bit codes are not supported")
-
-
-def unpack(packed: Tensor, bits: int) -> Tensor:
-    if bits == 8:
-        return packed
-    low, high = packed & 0x0F, packed >> 4
-    return torch.stack((low, high), dim=-1).flatten(-2)

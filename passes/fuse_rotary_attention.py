@@ -24,7 +24,7 @@ ATTENTION = torch.ops.llmc.attention.default
 
 class FuseRotaryAttention(Pass):
     name = "fuse_rotary_attention"
-    requires = ("replace_attention", "rewire_kv_cache", "fuse_rotary")
+    requires = ("replace_attention", "fuse_rotary")  # and shared KV, or it declines
 
     def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         fused, notes = 0, []

@@ -136,7 +136,7 @@ def _quantize(w, h, bits, group, cfg: QuantConfig, gptq: bool) -> tuple[Q.Quanti
 
 def _constants(graph: Graph, node, quant: Q.Quantized, kind: str):
     base = (_name(node) or node.name) + f".{kind}"
-    qweight = graph.add_constant(base + ".qweight", Q.pack(quant.codes, quant.bits))
+    qweight = graph.add_constant(base + ".qweight", quant.packed())
     scales = graph.add_constant(base + ".scales", quant.scales.contiguous())
     zeros = None if quant.sym else graph.add_constant(base + ".zeros", quant.zeros.contiguous())
     return qweight, scales, zeros

@@ -271,9 +271,8 @@ def test_pack_qkv_positive_and_negative(tiny_model):
     assert report.counts == {"packed": 2, "unmatched": 0} and report.max_abs_diff <= 1e-6
     attention = next(n for n in graph.fx.nodes if n.target == llmc_ops.attention.default)
     assert attention.args[0].target == aten.linear.default and attention.args[1] is None
-    # without rotary inside attention, q and k must stay apart (each is rotated on its own);
-    # `select` refuses that pipeline, so it is built by hand to see the pass's own refusal
-    passes = [p for p in pipeline() if p.name != "fuse_rotary_attention"]
+    # without rotary inside attention, q and k must stay apart (each is rotated on its own)
+    passes = select(pipeline(), "-fuse_rotary_attention")
     graph = traced_graph(tiny_model, "qwen2", passes)
     run_pipeline(graph, passes[: [p.name for p in passes].index("pack_qkv")])
     report, before, after = apply(graph, PackQkv())
@@ -321,10 +320,12 @@ def test_trace_passes_report_and_depend_on_each_other(tiny_model):
     assert reports["replace_attention"].counts == {"attention": 2, "layers": 2}
     assert graph.kv_mode is KVMode.SHARED and graph.input_names[2] == "seqlens_k"
     # disabling a pass others need is refused, naming them
-    with pytest.raises(LlmcError, match="rewire_kv_cache, fuse_rotary_attention without it") as e:
+    with pytest.raises(
+        LlmcError, match="rewire_kv_cache, fuse_rotary_attention, pack_qkv without"
+    ) as e:
         select(pipeline(), "-replace_attention")
     chain = "-replace_attention,-rewire_kv_cache,-fuse_rotary_attention,-pack_qkv"
-    assert f"(--passes {chain})" in str(e.value)  # the suggestion works: pack_qkv needs one too
+    assert f"(--passes {chain})" in str(e.value)  # the suggestion works
     assert "replace_attention" not in {p.name for p in select(pipeline(), chain)}
     # the shared KV mode without llmc attention: noted at trace time, kept concat
     ctx, passes = PassContext(), [RewireKvCache(KVMode.SHARED)]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from llmc import quant_layout
 from llmc.artifact import read_manifest
 from llmc.cli import cli
 from llmc.compiler import ops as _ops  # noqa: F401  (registers the llmc ops)
@@ -76,7 +77,7 @@ def test_rtn_matches_the_loop_reference(bits, sym):
     q = Q.rtn(w, bits, 32, sym, keep_grids=False)
     assert torch.allclose(q.dequantize(), rtn_reference(w, bits, 32, sym), atol=1e-6)
     assert int(q.codes.max()) < 2**bits and q.scales.shape == (6, 4)
-    assert torch.equal(Q.unpack(Q.pack(q.codes, bits), bits), q.codes)
+    assert torch.equal(quant_layout.unpack(q.packed(), bits), q.codes)
     per_row = Q.rtn(w, bits, 128, sym, keep_grids=False)  # one group per row
     assert torch.allclose(per_row.dequantize(), rtn_reference(w, bits, 128, sym), atol=1e-6)
 
@@ -140,10 +141,10 @@ def test_llmc_ops_compute_the_dequantized_product():
     for bits, sym in ((4, False), (8, True)):
         q = Q.rtn(w, bits, 32, sym)
         zeros = None if sym else q.zeros
-        y = llmc_ops.linear_nbits(x, Q.pack(q.codes, bits), q.scales, zeros, bits, 32, bias)
+        y = llmc_ops.linear_nbits(x, q.packed(), q.scales, zeros, bits, 32, bias)
         assert torch.allclose(y, torch.nn.functional.linear(x, q.dequantize(), bias), atol=1e-5)
         ids = torch.tensor([[0, 5, 11]])
-        rows = llmc_ops.embedding_nbits(ids, Q.pack(q.codes, bits), q.scales, zeros, bits, 32)
+        rows = llmc_ops.embedding_nbits(ids, q.packed(), q.scales, zeros, bits, 32)
         assert torch.equal(rows, q.dequantize()[ids])
 
 

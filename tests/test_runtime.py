@@ -125,3 +125,18 @@ def test_huge_pages_keep_contents_and_are_used_where_linux_allows():
         assert done >= 32 and _anon_huge_kb() - before >= 32 << 10
     else:
         assert done == 0
+
+
+def test_step_feeds_extend_the_tracked_mask():
+    from llmc.runtime.session import PositionTracker
+    from llmc.targets.base import step_feeds
+
+    tracker = PositionTracker(16)
+    first = step_feeds(tracker, [[0, 5, 6]], np.array([[0, 1, 1]]))  # left-padded prompt
+    assert first["input_ids"].dtype == np.int64 and first["logits_index"].tolist() == [2]
+    assert first["position_ids"].tolist() == [[1, 0, 1]]
+    step = step_feeds(tracker, [[7]], None)
+    assert step["attention_mask"].tolist() == [[0, 1, 1, 1]]
+    assert step["position_ids"].tolist() == [[2]] and step["position_ids"].flags.c_contiguous
+    every = step_feeds(PositionTracker(16), [[1, 2]], None, all_positions=True)
+    assert every["logits_index"].tolist() == [0, 1]

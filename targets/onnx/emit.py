@@ -5,27 +5,17 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmc.contract import IOContract, KVMode
+from llmc.contract import KVMode
+from llmc.targets.base import EmitResult
 
 if TYPE_CHECKING:
     from llmc.compiler.graph import Graph
 
 MODEL_FILE = "model.onnx"
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EmitResult:
-    files: list[str]
-    op_histogram: dict[str, int]
-    toolchain: dict[str, str]
-    flavor: str = "onnxruntime-cpu"
-    io: IOContract | None = None  # the graph's contract as the target changed it (else as traced)
-    target: dict | None = None  # extra manifest "target" entries (precision, fused ops)
 
 
 # Contrib ops whose trailing outputs are optional: an unused one left named is still computed

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmc import quant_layout
+
 
 def _block(k: int, group: int) -> int:
     if group & (group - 1) == 0 and 16 <= group <= 256:
@@ -25,13 +27,6 @@ def _uint8_zeros(zeros: np.ndarray) -> np.ndarray:
     if not np.array_equal(zeros, np.round(zeros)) or zeros.min() < 0 or zeros.max() > 255:
         raise ValueError("zero points must be integers in 0..255 for onnxruntime's kernels")
     return zeros.astype(np.uint8)
-
-
-def _pack_nibbles(z: np.ndarray) -> np.ndarray:
-    """[N, nb] values < 16 -> [N, ceil(nb/2)] bytes, the even block in the low nibble."""
-    if z.shape[1] % 2:
-        z = np.concatenate([z, np.zeros((z.shape[0], 1), z.dtype)], 1)
-    return (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
 
 
 def _unshare(model, inits: dict) -> None:
@@ -137,11 +132,11 @@ def apply(model) -> int:
             block = _block(k, group)
             repeat = group // block
             n = codes.shape[0]
-            put(names[1], codes.reshape(n, k // block, block * bits // 8))
+            put(names[1], codes.reshape(n, k // block, quant_layout.packed_width(block, bits)))
             put(names[2], np.repeat(scales, repeat, axis=1).reshape(-1))
             if zeros is not None:
                 z = _uint8_zeros(np.repeat(zeros, repeat, axis=1))
-                put(names[3], (_pack_nibbles(z) if bits == 4 else z).reshape(-1))
+                put(names[3], (quant_layout.pack_nibbles(z) if bits == 4 else z).reshape(-1))
             for a in node.attribute:
                 if a.name == "block_size":
                     a.i = block

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 
+from llmc import quant_layout
+
 MS_DOMAIN = "com.microsoft"
 # MatMulNBits' activation precision: 4 quantizes each row of A to int8 per block and runs integer
 # dot products (the fast decode path on CPU; 0 dequantizes B to fp32 instead).
@@ -206,7 +208,7 @@ def translation_table(shared_kv: bool) -> dict:
         )
 
     def linear_nbits(x, qweight, scales, zeros, bits: int, group: int, bias):
-        n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
+        n, k = qweight.shape[0], quant_layout.unpacked_width(qweight.shape[1], bits)
         return ms.MatMulNBits(
             x,
             qweight,

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmc import quant_layout
+
 TOP = 16  # candidates rescored per row: the exact best logit ranked at most 3rd among the fast
 # ones over 400 SmolLM2 decode steps
 
@@ -86,22 +88,19 @@ class LmHeadRescorer:
             if zeros.dtype != np.uint8:
                 return None  # float zero points: onnxruntime's slow path, no fast kernel to fix
             zeros = zeros.reshape(vocab_size, -1)
-            if bits == 4:
-                zeros = np.stack([zeros & 15, zeros >> 4], -1).reshape(vocab_size, -1)
+            if bits == 4:  # two per byte, in block order: the codes' nibble order
+                zeros = quant_layout.unpack_nibbles(zeros)
             zeros = zeros[:, :blocks].astype(np.float32)
         output = head.input[0]
         model.graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, None))
         return cls(output, codes, scales, zeros, bits, block, k, array(5))
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Dequantized weight rows `ids` -> [len(ids), K] float32."""
-        packed = self.codes[ids]
-        if self.bits == 4:
-            packed = np.stack([packed & 15, packed >> 4], -1).reshape(len(ids), -1)
-        codes = packed.reshape(len(ids), -1, self.block).astype(np.float32)
-        zeros = 2.0 ** (self.bits - 1) if self.zeros is None else self.zeros[ids][..., None]
-        w = (codes - zeros) * self.scales[ids][..., None]
-        return w.reshape(len(ids), -1)[:, : self.k]
+        """Dequantized weight rows `ids` -> [len(ids), K] float32 (the row-major MatMulNBits
+        codes are the llmc layout's bytes)."""
+        zeros = None if self.zeros is None else self.zeros[ids]
+        w = quant_layout.dequantize(self.codes[ids], self.scales[ids], zeros, self.bits, self.block)
+        return w[:, : self.k]
 
     def __call__(self, logits: np.ndarray, hidden: np.ndarray) -> None:
         """Replace, in place, each row's TOP largest `logits` [B, V] by exact ones computed from

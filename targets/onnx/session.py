@@ -24,6 +24,7 @@ import numpy as np
 from llmc.contract import IOContract, KVMode, Logits
 from llmc.errors import ContextLengthError
 from llmc.runtime.session import PositionTracker
+from llmc.targets.base import step_feeds
 from llmc.targets.onnx.rescore import LmHeadRescorer
 
 CAPACITY_STEP = 256  # buffer positions are reserved in multiples of this
@@ -132,21 +133,11 @@ class ConcatKVSession(_Base):
     def _step(
         self, ids: np.ndarray, new_mask: np.ndarray | None, all_positions: bool = False
     ) -> np.ndarray:
-        ids = np.ascontiguousarray(ids, dtype=np.int64)  # [B, S]
-        batch = ids.shape[0]
-        if new_mask is None:
-            new_mask = np.ones_like(ids)
-        mask, positions = self._positions.extend(new_mask)
+        feeds = step_feeds(self._positions, ids, new_mask, all_positions)
+        ids = feeds["input_ids"]  # [B, S]
         if self._past is None:
-            shape = (batch, self._kv_heads, 0, self._head_dim)
+            shape = (ids.shape[0], self._kv_heads, 0, self._head_dim)
             self._past = [np.zeros(shape, self._kv_dtype)] * len(self._past_names)
-        index = np.arange(ids.shape[1]) if all_positions else np.array([ids.shape[1] - 1])
-        feeds = {
-            "input_ids": ids,
-            "position_ids": positions,
-            "attention_mask": mask,
-            "logits_index": index,
-        }
         feeds = {k: v for k, v in feeds.items() if k in self._inputs}
         feeds.update(zip(self._past_names, self._past, strict=True))
         sess = self._prefill_sess if ids.shape[1] > 1 else self._sess

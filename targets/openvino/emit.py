@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmc.contract import KVMode
-from llmc.targets.onnx.emit import EmitResult
+from llmc.targets.base import EmitResult
 from llmc.targets.openvino.session import compile_properties
 
 if TYPE_CHECKING:

@@ -5,7 +5,15 @@
 pattern the CPU plugin turns into one stateful SDPA node once the cache is made stateful
 (DESIGN.md, "OpenVINO"). Its causal mask is aligned bottom-right (a query at cache index p sees
 keys 0..p) and is additive, never boolean, so a padding query that sees no key gets a uniform row
-instead of NaN. The other llmc ops use their reference forms (compiler/ops.py)."""
+instead of NaN. The other llmc ops use their reference forms (compiler/ops.py).
+
+Why attention keeps a second form beside `attention_ref`: the reference is explicit
+(repeat_interleave, matmul, masked softmax, matmul) because it must also express what SDPA
+cannot, a logit soft-cap between the two matmuls and a shared cache written at per-row
+positions, and because it is the graph every other target decomposes to; an SDPA reference
+would change those graphs. Both forms take their q/k/v split and head layouts from the same
+helpers (`split_qkv`, `to_heads`, `from_heads` in compiler/ops.py), and the SDPA form hands
+every case it cannot express to the reference."""
 
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ def attention_sdpa(
     sin: Tensor | None,
     shared: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from llmc.compiler.ops import attention_ref
+    from llmc.compiler.ops import attention_ref, from_heads, split_qkv, to_heads
 
     if shared or softcap > 0 or cos is not None:
         # No SDPA form: a logit soft-cap sits between the two matmuls; the other two are ONNX
@@ -39,11 +47,10 @@ def attention_sdpa(
         )
     b, s, _ = q.shape
     kv_heads, d = past_k.shape[1], past_k.shape[3]
-    if k is None or v is None:
-        q, k, v = q.split([q.shape[-1] - 2 * kv_heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k, v = split_qkv(q, k, v, kv_heads, d)
     heads = q.shape[-1] // d
-    present_k = torch.cat((past_k, k.unflatten(-1, (kv_heads, d)).transpose(1, 2)), dim=2)
-    present_v = torch.cat((past_v, v.unflatten(-1, (kv_heads, d)).transpose(1, 2)), dim=2)
+    present_k = torch.cat((past_k, to_heads(k, kv_heads, d)), dim=2)
+    present_v = torch.cat((past_v, to_heads(v, kv_heads, d)), dim=2)
     t = present_k.shape[2]
 
     def expand(x: Tensor) -> Tensor:  # [B, KVH, T, D] -> [B, H, T, D]
@@ -58,11 +65,11 @@ def attention_sdpa(
     allowed = allowed[None, None] & seq_info[:, None, None, :].bool()  # [B, 1, S, T]
     zero = torch.zeros((), dtype=q.dtype)
     mask = torch.where(allowed, zero, torch.finfo(q.dtype).min)
-    qh = q.unflatten(-1, (heads, d)).transpose(1, 2)
+    qh = to_heads(q, heads, d)
     out = F.scaled_dot_product_attention(
         qh, expand(present_k), expand(present_v), attn_mask=mask, scale=scale
     )
-    return out.transpose(1, 2).flatten(2), present_k, present_v
+    return from_heads(out), present_k, present_v
 
 
 def decompositions() -> dict:
@@ -95,19 +102,19 @@ def _dequantized(context, first: int):
     import openvino as ov
     import openvino.opset13 as opset
 
+    from llmc import quant_layout
+
     packed, scales = _constant(context, first), _constant(context, first + 1)
     zeros = _constant(context, first + 2) if context.get_input_size() > first + 2 else None
     bits = int(context.get_values_from_const_input(first + 3, None, None))
     group = int(context.get_values_from_const_input(first + 4, None, None))
     if packed is None or scales is None:
         raise ValueError("quantized weights must be constants for the OpenVINO lowering")
-    codes = packed
-    if bits == 4:
-        codes = np.stack((packed & 15, packed >> 4), -1).reshape(packed.shape[0], -1)
+    codes = quant_layout.unpack(packed, bits)
     n, k = codes.shape
     shape = [n, k // group, group]
     if zeros is None:  # symmetric: signed codes, no subtraction
-        signed = codes.astype(np.int16) - 2 ** (bits - 1)
+        signed = codes.astype(np.int16) - quant_layout.symmetric_zero(bits)
         q = opset.constant(
             signed.reshape(shape).astype(np.int8), ov.Type.i4 if bits == 4 else ov.Type.i8
         )

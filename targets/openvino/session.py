@@ -23,6 +23,7 @@ import numpy as np
 
 from llmc.contract import IOContract
 from llmc.runtime.session import PositionTracker
+from llmc.targets.base import step_feeds
 
 # Every CPU-plugin property of OpenVINO 2026.4 that changes the arithmetic, pinned, so that
 # "exact" is the same computation on every CPU generation. Left to the plugin, each one is chosen
@@ -208,18 +209,9 @@ class Session:
         return self._step(np.asarray(ids)[None], None, all_positions=True)[0]
 
     def _step(self, ids, new_mask, all_positions: bool = False) -> np.ndarray:
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if new_mask is None:
-            new_mask = np.ones_like(ids)
-        mask, positions = self._positions.extend(np.asarray(new_mask))
-        index = np.arange(ids.shape[1]) if all_positions else np.array([ids.shape[1] - 1])
-        feeds = {
-            "input_ids": ids,
-            "position_ids": np.ascontiguousarray(positions),
-            "attention_mask": mask,
-            "logits_index": index.astype(np.int64),
-            "beam_idx": np.arange(ids.shape[0], dtype=np.int32),
-        }
+        feeds = step_feeds(self._positions, ids, new_mask, all_positions)
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        feeds["beam_idx"] = np.arange(ids.shape[0], dtype=np.int32)
         request = self._request
         decode_step = ids.shape[1] == 1 and not all_positions and mask.shape[1] > 1
         if self.static_decode and decode_step:  # one new token per row after the prefill
