@@ -75,12 +75,13 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
 
     with progress.stage(f"load {source.kind} model {source.ref}"):
         loaded = sources.load(source)
+    from llmc.compiler.diagnose import emitting, tracing
     from llmc.compiler.graph import Graph
     from llmc.compiler.pass_manager import run_pipeline, trace_options
     from llmc.compiler.spec import ModelSpec
     from llmc.compiler.trace import trace
 
-    spec = ModelSpec.from_config(loaded.model.config)
+    spec = ModelSpec.from_model(loaded.model)
     if config.max_context:
         if config.max_context > spec.max_context:
             raise LlmcError(
@@ -89,7 +90,7 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
             )
         spec = dataclasses.replace(spec, max_context=config.max_context)
     options = trace_options(passes, loaded.model)
-    with progress.stage("trace with torch.export"):
+    with progress.stage("trace with torch.export"), tracing(loaded.model, spec.architecture):
         traced = trace(loaded.model, spec, options=options)
     graph = Graph.from_trace(traced, spec, options)
     calibration = None
@@ -100,7 +101,7 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
         reports = run_pipeline(graph, passes)
 
     with atomic_directory(out) as tmp:
-        with progress.stage(f"emit {config.target}"):
+        with progress.stage(f"emit {config.target}"), emitting(config.target, spec.architecture):
             emitted = target.emit(graph, tmp)
         loaded.tokenizer.save_pretrained(tmp)
         manifest = _manifest(config, source, spec, graph, emitted, reports, loaded)
