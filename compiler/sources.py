@@ -16,8 +16,6 @@ from llmc.errors import SourceError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
-# model_type values whose graphs trace and match PyTorch; a new one that traces needs only a line.
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral", "phi3", "gemma", "gpt2")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -99,13 +97,27 @@ def _slug(name: str) -> str:
 
 
 def check_architecture(config) -> None:
-    model_type = config.get_text_config().model_type
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"architecture {model_type!r} is not supported yet; supported: "
-            + ", ".join(SUPPORTED_ARCHITECTURES)
-            + "."
-        )
+    """Refuse what is not a decoder-only causal LM; anything else goes on to the trace, and the
+    parity gate decides. transformers' own auto-mappings say which model types are which."""
+    from transformers.models.auto import modeling_auto as auto
+
+    model_type = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        kind = "an encoder-decoder (seq2seq) model"
+    elif model_type not in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind = "not a causal language model (transformers has no ForCausalLM class for it)"
+    elif model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(
+        config, "is_decoder", False
+    ):
+        kind = "an encoder (bidirectional attention)"
+    else:
+        from llmc.compiler.spec import ModelSpec
+
+        ModelSpec.from_config(config)  # refuses a config without attention heads
+        return
+    raise UnsupportedModelError(
+        f"{model_type!r} is {kind}; llmc compiles decoder-only causal language models only."
+    )
 
 
 def load(source: Source) -> LoadedModel:
@@ -202,9 +214,9 @@ def _load_pretrained(source: Source):
         raise SourceError(f"{source.ref}: config.json could not be read ({exc}).") from exc
     except ValueError as exc:  # unknown model_type
         raise UnsupportedModelError(
-            f"{source.ref}: transformers does not know this architecture; supported: "
-            + ", ".join(SUPPORTED_ARCHITECTURES)
-            + "."
+            f"{source.ref}: transformers {transformers.__version__} does not know this "
+            "architecture (its config.json's model_type); upgrade transformers or pass another "
+            "model."
         ) from exc
     check_architecture(config)
     model = transformers.AutoModelForCausalLM.from_pretrained(source.ref, dtype=torch.float32)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+from llmc.errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,12 @@ class ModelSpec:
     @classmethod
     def from_config(cls, config) -> ModelSpec:
         config = config.get_text_config()
-        heads = config.num_attention_heads
+        heads = getattr(config, "num_attention_heads", None)
+        if not heads:
+            raise UnsupportedModelError(
+                f"{config.model_type!r} has no attention heads in its config (a state-space or "
+                "recurrent model?); llmc compiles attention-based decoders only."
+            )
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         rope = getattr(config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta") if isinstance(rope, dict) else None
@@ -37,6 +44,24 @@ class ModelSpec:
             rope_theta=theta,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         )
+
+    @classmethod
+    def from_model(cls, model) -> ModelSpec:
+        """from_config, with the KV-cache geometry read off one eager step of the model: configs
+        spell it in many ways (num_key_value_heads, num_kv_heads, multi_query, ...), and a
+        config may carry one the model ignores; the cache it returns has one shape."""
+        import torch
+        from transformers.cache_utils import Cache
+
+        spec = cls.from_config(model.config)
+        with torch.no_grad():
+            out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
+        cache = next((v for v in out.values() if isinstance(v, Cache)), None)
+        keys = getattr(cache.layers[0], "keys", None) if cache is not None else None
+        if keys is None or keys.dim() != 4:
+            return spec
+        _, kv_heads, _, head_dim = keys.shape  # [B, KVH, S, D]
+        return replace(spec, num_kv_heads=int(kv_heads), head_dim=int(head_dim))
 
     def to_dict(self) -> dict:
         return asdict(self)

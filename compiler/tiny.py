@@ -65,6 +65,34 @@ TINY: dict[str, TinySpec] = {
             initializer_range=0.2,
         ),
     ),
+    # q/k RMSNorm per head
+    "qwen3": TinySpec("Qwen3Config", _family(head_dim=16)),
+    # attention and final logit soft-caps, a sliding window on every other layer, norms before
+    # and after each block
+    "gemma2": TinySpec(
+        "Gemma2Config", _family(head_dim=16, query_pre_attn_scalar=16, sliding_window=16)
+    ),
+    # q/k RMSNorm over all heads, norms after each block instead of before
+    "olmo2": TinySpec("Olmo2Config", _family()),
+    # embedding, residual, attention and logit multipliers
+    "granite": TinySpec(
+        "GraniteConfig",
+        _family(
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            attention_multiplier=0.0625,
+            logits_scaling=8.0,
+        ),
+    ),
+    # RoPE on every other layer only (NoPE layers)
+    "smollm3": TinySpec("SmolLM3Config", _family(no_rope_layer_interval=2)),
+    # LayerNorm, partial rotary, attention and MLP in parallel, GELU
+    "phi": TinySpec("PhiConfig", _family()),
+    # multi-query attention (one KV head) in one fused projection, parallel blocks, LayerNorm;
+    # its attention does not go through transformers' AttentionInterface
+    "falcon": TinySpec("FalconConfig", _family(num_key_value_heads=None)),
+    # LayerNorm without bias, RoPE on interleaved pairs, parallel blocks, a logit scale
+    "cohere": TinySpec("CohereConfig", _family(logit_scale=0.5)),
 }
 
 

@@ -53,6 +53,7 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
     """The stages, in order; every flag error is found before the first heavy one."""
     from llmc import targets
     from llmc.compiler import sources
+    from llmc.compiler.diagnose import emitting
     from llmc.compiler.pass_manager import PassContext, select
 
     progress = progress or Progress()
@@ -87,7 +88,10 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
         progress.note(f"graph dumped to {path}")
 
     with atomic_directory(out) as tmp:
-        with progress.stage(f"emit {config.target}"):
+        with (
+            progress.stage(f"emit {config.target}"),
+            emitting(config.target, graph.spec.architecture),
+        ):
             emitted = target.emit(graph, tmp, options)
         loaded.tokenizer.save_pretrained(tmp)
         manifest = assemble(
@@ -114,12 +118,13 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
 
 def _trace(config: BuildConfig, loaded, passes, ctx, progress):
     """The model spec (with --max-context), the trace-time passes' requests, torch.export."""
+    from llmc.compiler.diagnose import tracing
     from llmc.compiler.graph import Graph
     from llmc.compiler.pass_manager import trace_options
     from llmc.compiler.spec import ModelSpec
     from llmc.compiler.trace import trace
 
-    spec = ModelSpec.from_config(loaded.model.config)
+    spec = ModelSpec.from_model(loaded.model)
     if config.max_context:
         if config.max_context > spec.max_context:
             raise LlmcError(
@@ -128,7 +133,7 @@ def _trace(config: BuildConfig, loaded, passes, ctx, progress):
             )
         spec = dataclasses.replace(spec, max_context=config.max_context)
     options = trace_options(passes, loaded.model, ctx)
-    with progress.stage("trace with torch.export"):
+    with progress.stage("trace with torch.export"), tracing(loaded.model, spec.architecture):
         traced = trace(loaded.model, spec, options=options)
     return Graph.from_trace(traced, spec)
 

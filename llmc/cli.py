@@ -208,8 +208,10 @@ def build(max_ppl_increase, **flags):
     """Build MODEL into a verified artifact.
 
     MODEL is a Hugging Face model directory, a .gguf file, a hub id, or tiny:ARCH (llama, qwen2,
-    mistral, phi3, gemma, gpt2). Without MODEL, the packaged SmolLM2-135M-Instruct is used.
-    Exit codes: 0 ok, 2 bad input, 3 verification or quality gate failed, 1 internal error.
+    mistral, phi3, gemma, gpt2, qwen3, gemma2, olmo2, granite, smollm3, phi, falcon, cohere).
+    Any decoder-only causal LM transformers loads is tried. Without MODEL, the packaged
+    SmolLM2-135M-Instruct is used. Exit codes: 0 ok, 2 bad input or a model that cannot be
+    traced or emitted, 3 verification or quality gate failed, 1 internal error.
     """
     from llmc.build import build as run_build
 

@@ -107,7 +107,10 @@ class FuseRotary(Pass):
         graph.fx.eliminate_dead_code()
         graph.drop_unused_tensors()
         if not matches:
-            notes.append("no x*cos + rotate_half(x)*sin pattern (the model has no RoPE)")
+            notes.append(
+                "no x*cos + rotate_half(x)*sin pattern (no RoPE, or RoPE in another layout such "
+                "as interleaved pairs)"
+            )
         return PassReport(
             self.name,
             modified=fused > 0,

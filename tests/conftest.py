@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-TINY_ARCHS = ["llama", "qwen2", "mistral", "phi3", "gemma", "gpt2"]
+# Fourteen families: attention, norm, RoPE and MLP variants (README, "Support matrix").
+TINY_ARCHS = [
+    *("llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "qwen3", "gemma2", "olmo2"),
+    *("granite", "smollm3", "phi", "falcon", "cohere"),
+]
 
 
 @pytest.fixture(scope="session")

@@ -48,14 +48,56 @@ def test_directory_that_is_not_a_model(tmp_path):
     assert_nothing_written(out)
 
 
-def test_unsupported_architecture_is_named_with_the_supported_list(tmp_path):
-    model = tmp_path / "neox"
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ({"model_type": "bert", "hidden_size": 64}, "'bert' is an encoder (bidirectional"),
+        ({"model_type": "t5", "d_model": 64}, "'t5' is an encoder-decoder (seq2seq) model"),
+        ({"model_type": "vit"}, "'vit' is not a causal language model"),
+        ({"model_type": "mamba", "hidden_size": 64}, "'mamba' has no attention heads"),
+        ({"model_type": "no_such_arch"}, "does not know this architecture"),
+    ],
+)
+def test_a_model_that_is_not_a_decoder_only_causal_lm_is_refused(tmp_path, config, fragment):
+    """There is no allowlist: transformers' own mappings say what is a causal LM."""
+    model = tmp_path / config["model_type"]
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    (model / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    assert_user_error(invoke("build", model, "-o", out), "'gpt_neox' is not supported", "llama")
+    assert_user_error(invoke("build", model, "-o", out), fragment)
     assert_nothing_written(out)
+
+
+def test_an_unknown_tiny_model_lists_the_known_ones(tmp_path):
+    out = tmp_path / "out"
     assert_user_error(invoke("build", "tiny:bert", "-o", out), "tiny:llama")
+    assert_nothing_written(out)
+
+
+def test_a_model_that_cannot_be_traced_names_the_module_that_stopped_it():
+    """Not an internal error: exit 2 and one sentence with the module (and op) it failed in."""
+    import torch
+
+    from llmc.compiler.diagnose import CannotCompileError, tracing
+
+    class Gate(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x  # data-dependent: torch.export cannot trace it
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = Gate()
+
+        def forward(self, x):
+            return self.gate(x + 1)
+
+    model = Toy()
+    with pytest.raises(CannotCompileError) as caught, tracing(model, "toy"):
+        torch.export.export(model, (torch.randn(3),), strict=False)
+    message = str(caught.value)
+    assert caught.value.exit_code == 2 and "\n" not in message and message.endswith(".")
+    assert message.startswith("'toy' cannot be traced at gate (Gate)"), message
 
 
 def test_unreadable_gguf(tmp_path):

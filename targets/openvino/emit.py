@@ -100,7 +100,7 @@ def _cancel_head_round_trips(module) -> int:
     return done
 
 
-def make_stateful(model, past: list[str], present: list[str]) -> None:
+def make_stateful(model, past: list[str], present: list[str], kv_heads: int, head_dim: int) -> None:
     """Route each past KV input through Gather(beam_idx) and turn past/present pairs into state."""
     import openvino as ov
     import openvino.opset13 as opset
@@ -117,21 +117,20 @@ def make_stateful(model, past: list[str], present: list[str]) -> None:
     model.add_parameters([beam])
     apply_make_stateful_transformation(model, dict(zip(past, present, strict=True)))
     # Each state starts as zeros [batch, kv_heads, 0, head_dim], the batch read off input_ids:
-    # a ReadValue without that initializer cannot be compiled.
+    # a ReadValue without that initializer cannot be compiled. The sizes come from the model
+    # spec: the converted graph leaves kv_heads dynamic where no SDPA pins it (a soft-capped
+    # attention).
     batch = opset.gather(
         opset.shape_of(model.input("input_ids"), "i64"),
         opset.constant([0], ov.Type.i64),
         opset.constant(0, ov.Type.i64),
     )
+    rest = opset.constant([kv_heads, 0, head_dim], ov.Type.i64)
     for op in model.get_ops():
         if op.get_type_name() != "ReadValue":
             continue
-        shape = op.get_output_partial_shape(0)
-        dims = [batch] + [
-            opset.constant([d.get_min_length()], ov.Type.i64) for d in list(shape)[1:]
-        ]
         zeros = opset.constant(0.0, op.get_output_element_type(0))
-        op.set_arguments([opset.broadcast(zeros, opset.concat(dims, 0))])
+        op.set_arguments([opset.broadcast(zeros, opset.concat([batch, rest], 0))])
     model.validate_nodes_and_infer_types()
 
 
@@ -175,7 +174,8 @@ def emit(graph: Graph, out_dir: Path, options) -> EmitResult:
         port.get_tensor().set_names({name})
     for port, name in zip(model.outputs, graph.output_names, strict=True):
         port.get_tensor().set_names({name})
-    make_stateful(model, graph.io.past_inputs, graph.io.present_outputs)
+    io = graph.io
+    make_stateful(model, io.past_inputs, io.present_outputs, io.cache.kv_heads, io.cache.head_dim)
     path = Path(out_dir) / MODEL_FILE
     ov.save_model(model, str(path), compress_to_fp16=False)
     core = ov.Core()
