@@ -193,14 +193,14 @@ def verify_artifact(
     PyTorch eager, at f32 even when the artifact asks for bf16 at run time. Quantized: against
     its own graph run in PyTorch (the same dequantized weights), so the check is of the lowering
     and perplexity (`--eval`) measures the quantization."""
-    exact = session_class(directory, manifest, exact=True)
+    exact = session_class.open(directory, manifest, exact=True)
     prompts = verify_prompts(tokenizer, exact.max_context, steps)
     if graph is None:
         return BuildVerification(verify(EagerReference(model), exact, prompts, tolerance, steps))
     capacity = max(2, max(len(p) for p in prompts) + steps + 1)
     result = verify(GraphReference(graph, capacity), exact, prompts, tolerance, steps)
     del exact
-    fast = session_class(directory, manifest)
+    fast = session_class.open(directory, manifest)
     if not fast.fast_kernels:  # the default session is the exact one
         return BuildVerification(result)
     decode = verify(GraphReference(graph, capacity), fast, prompts, tolerance, steps)

@@ -35,6 +35,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except LlmcError as exc:
+            if ctrl_c.seen:  # a wrapped error a Ctrl-C caused (an interrupted import, say)
+                ctrl_c.exiting()
+                _fail("interrupted; nothing was written.", EXIT_INTERRUPT, debug)
             _fail(f"error: {exc}", EXIT_USER, debug)
         except QualityGateError as exc:
             _fail(f"quality gate failed: {exc}", EXIT_VERIFY, debug)

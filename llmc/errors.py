@@ -26,6 +26,10 @@ class ArtifactError(LlmcError):
     """The artifact is missing, corrupt or incompatible with this installation."""
 
 
+class SessionError(LlmcError):
+    """A runtime session was used in a way it cannot serve (bad ids, decode before prefill)."""
+
+
 class ContextLengthError(LlmcError):
     """The input does not fit the artifact's context."""
 

@@ -108,7 +108,7 @@ def evaluate_build(session_class, directory: Path, manifest: dict, config, model
             session, encode, config.eval_file, max_tokens=tokens, reference=reference
         )
 
-    session = session_class(directory, manifest)
+    session = session_class.open(directory, manifest)
     ours = measure(session, TorchScorer(model))
     reference = ours.pop("reference_perplexity")
     entry = {
@@ -119,7 +119,7 @@ def evaluate_build(session_class, directory: Path, manifest: dict, config, model
     }
     if getattr(session, "fast_prompts", False):
         del session
-        exact = measure(session_class(directory, manifest, exact=True))["perplexity"]
+        exact = measure(session_class.open(directory, manifest, exact=True))["perplexity"]
         entry["exact"] = {"perplexity": exact, "increase": exact / reference - 1}
     return entry
 

@@ -27,7 +27,7 @@ def reverify(directory: Path, tolerance: float | None = None):
             f"the source model {recorded['ref']} has changed since {directory} was built; "
             "rebuild the artifact."
         )
-    session = get(manifest["target"]["name"]).session_class()(directory, manifest, exact=True)
+    session = get(manifest["target"]["name"]).session_class().open(directory, manifest, exact=True)
     tol = tolerance or manifest["verification"].get("tolerance") or default_tolerance(source.kind)
     steps = manifest["verification"].get("decode_steps", 8)
     prompts = verify_prompts(loaded.tokenizer, session.max_context, steps)

@@ -40,7 +40,7 @@ def load(
             f"running a {name} artifact needs {', '.join(missing)}; `{info.install}`."
         )
     _check_toolchain(directory, manifest, info.runtime)
-    session = info.session_class()(directory, manifest, threads=threads, **session_options)
+    session = info.session_class().open(directory, manifest, threads=threads, **session_options)
     if huge_pages:
         from llmc.runtime.memory import use_huge_pages
 

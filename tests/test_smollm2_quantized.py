@@ -46,7 +46,7 @@ def test_int8_perplexity_within_1_percent_and_same_32_greedy_tokens(int8):
     ids = gen.encode(PROMPT, chat=True)
     config = rt.GenerationConfig(32, ignore_eos=True)
     fast = [int(t[0]) for t in gen.generate_ids([ids], config)]
-    gen.session = Session(int8, m, exact=True)
+    gen.session = Session.open(int8, m, exact=True)
     ours = [int(t[0]) for t in gen.generate_ids([ids], config)]
     from llmc.compiler import sources
     from tests.test_tiny_end_to_end import hf_greedy

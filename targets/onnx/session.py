@@ -16,14 +16,16 @@ as the next step's past.
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from llmc.contract import IOContract, KVMode, Logits
 from llmc.errors import ContextLengthError
-from llmc.runtime.session import PositionTracker
+from llmc.runtime.session import PositionTracker, SessionOptions
+from llmc.runtime.session import Session as BaseSession
 from llmc.targets.base import step_feeds
 from llmc.targets.onnx.rescore import LmHeadRescorer
 
@@ -74,23 +76,24 @@ def _open(
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers), rescorer
 
 
-def Session(
-    directory: str | os.PathLike,
-    manifest: dict,
-    threads: int | None = None,
-    exact: bool = False,
-):
-    """The session class for the artifact's KV mode. `exact`: quantized matmuls dequantize their
-    weights and multiply in fp32 on every step (verification: the numbers of the llmc graph);
-    otherwise decode steps quantize activations to int8 (onnxruntime's fast kernels) and only
-    prompts run exactly (faster for many rows, and their logits are the exact ones)."""
-    shared = IOContract.from_manifest(manifest).kv_mode is KVMode.SHARED
-    cls = SharedKVSession if shared else ConcatKVSession
-    return cls(directory, manifest, threads, exact)
+class Session(BaseSession):
+    """An onnxruntime session of an ONNX artifact; `Session(...)` gives the class of the
+    artifact's KV mode (SharedKVSession or ConcatKVSession).
 
+    `exact`: quantized matmuls dequantize their weights and multiply in fp32 on every step
+    (verification: the numbers of the llmc graph); otherwise decode steps quantize activations
+    to int8 (onnxruntime's fast kernels) and only prompts run exactly (faster for many rows, and
+    their logits are the exact ones)."""
 
-class _Base:
-    def __init__(self, directory, manifest: dict, threads: int | None = None, exact=False):
+    def __new__(cls, directory, manifest: dict, options=None):
+        if cls is Session:
+            shared = IOContract.from_manifest(manifest).kv_mode is KVMode.SHARED
+            cls = SharedKVSession if shared else ConcatKVSession
+        return super().__new__(cls)
+
+    def __init__(self, directory, manifest: dict, options: SessionOptions | None = None):
+        super().__init__(directory, manifest, options)
+        threads, exact = self.options.threads, self.options.exact
         quantized = bool(manifest.get("quantization"))
         fast = quantized and not exact
         self.fast_kernels = FAST_KERNELS if fast else None
@@ -101,9 +104,7 @@ class _Base:
         self._chunk = EXACT_PREFILL_CHUNK if quantized else PREFILL_CHUNK
         if fast:
             self._prefill_sess, _ = _open(directory, manifest, threads, accuracy_level=0)
-        io = IOContract.from_manifest(manifest)
-        self.max_context = io.max_context
-        self.vocab_size = int(manifest["model"]["vocab_size"])
+        io = self.io
         self._past_names, self._present_names = io.past_inputs, io.present_outputs
         self._kv_heads, self._head_dim = io.cache.kv_heads, io.cache.head_dim
         self._kv_dtype = np.dtype(io.cache.dtype)
@@ -111,23 +112,22 @@ class _Base:
         self._last_only = io.logits is Logits.LAST  # artifacts from before logits_index
 
 
-class ConcatKVSession(_Base):
+class ConcatKVSession(Session):
     """Concat-mode KV cache: the runtime keeps past tensors and feeds them back each step."""
 
-    def __init__(self, directory, manifest: dict, threads: int | None = None, exact=False):
-        super().__init__(directory, manifest, threads, exact)
+    def __init__(self, directory, manifest: dict, options: SessionOptions | None = None):
+        super().__init__(directory, manifest, options)
         self._positions = PositionTracker(self.max_context)
         self._past: list[np.ndarray] | None = None
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self._positions.reset()
         self._past = None
 
-    def prefill(self, ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-        self.reset()
-        return self._step(ids, attention_mask)
+    def _prefill(self, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return self._step(ids, mask)
 
-    def decode(self, ids: np.ndarray) -> np.ndarray:
+    def _decode(self, ids: np.ndarray) -> np.ndarray:
         return self._step(ids, None)
 
     def _step(
@@ -149,35 +149,29 @@ class ConcatKVSession(_Base):
         self._past = present  # [B, KVH, T, D] each
         return logits if all_positions else logits[:, -1, :]  # [B, S, V] or [B, V]
 
-    def score(self, ids: np.ndarray) -> np.ndarray:
-        """Logits at every position of one sequence `ids` [S] on a fresh cache -> [S, V]."""
-        self.reset()
-        return self._step(np.asarray(ids)[None], None, all_positions=True)[0]
+    def _score(self, ids: np.ndarray) -> np.ndarray:
+        return self._step(ids[None], None, all_positions=True)[0]
 
 
-class SharedKVSession(_Base):
+class SharedKVSession(Session):
     """Shared-buffer KV cache written in place by the model (see the module docstring)."""
 
-    def __init__(self, directory, manifest: dict, threads: int | None = None, exact=False):
-        super().__init__(directory, manifest, threads, exact)
+    def __init__(self, directory, manifest: dict, options: SessionOptions | None = None):
+        super().__init__(directory, manifest, options)
         self._buffers: list[np.ndarray] = []
         self._lengths: np.ndarray | None = None  # tokens in the cache, per row
-        self._decode = None  # (binding, ids, positions, seqlens, index, logits, hidden) of decode
+        self._decode_binding: _Bound | None = None  # reused by every decode step
 
     @property
     def capacity(self) -> int:
         return self._buffers[0].shape[2] if self._buffers else 0
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self._lengths = None
 
-    def prefill(self, ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-        self.reset()
-        ids = np.asarray(ids, dtype=np.int64)
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    def _prefill(self, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        mask = np.ones_like(ids) if mask is None else mask
         rows = [ids[b][mask[b] != 0] for b in range(ids.shape[0])]
-        if min(len(r) for r in rows) == 0:
-            raise ValueError("every row of a prefill needs at least one unmasked token")
         longest = max(len(r) for r in rows)
         self._check(longest)
         self._reserve(len(rows), longest + 1)
@@ -190,10 +184,7 @@ class SharedKVSession(_Base):
         self._lengths = np.array([len(r) for r in rows], np.int64)
         return logits
 
-    def score(self, ids: np.ndarray) -> np.ndarray:
-        """Logits at every position of one sequence `ids` [S] on a fresh cache -> [S, V]."""
-        self.reset()
-        row = np.asarray(ids, dtype=np.int64)
+    def _score(self, row: np.ndarray) -> np.ndarray:
         self._check(len(row))
         self._reserve(1, len(row))
         chunks = range(0, len(row), self._chunk)
@@ -201,23 +192,20 @@ class SharedKVSession(_Base):
         self._lengths = np.array([len(row)], np.int64)
         return np.concatenate([o[0] for o in out])
 
-    def decode(self, ids: np.ndarray) -> np.ndarray:
-        if self._lengths is None:
-            raise RuntimeError("decode() before prefill()")
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1, 1)
+    def _decode(self, ids: np.ndarray) -> np.ndarray:
         needed = int(self._lengths.max()) + 1
         self._check(needed)
-        if self._reserve(len(ids), needed) or self._decode is None:
-            self._decode = self._bind_decode(len(ids))
-        binding, in_ids, positions, seqlens, _, logits, hidden = self._decode
-        in_ids[:] = ids
-        positions[:, 0] = self._lengths
-        seqlens[:] = self._lengths  # the row's length after this step, minus one
-        self._sess.run_with_iobinding(binding)
+        if self._reserve(len(ids), needed) or self._decode_binding is None:
+            self._decode_binding = self._bind_decode(len(ids))
+        bound = self._decode_binding
+        bound.ids[:] = ids
+        bound.positions[:, 0] = self._lengths
+        bound.seqlens[:] = self._lengths  # the row's length after this step, minus one
+        self._sess.run_with_iobinding(bound.binding)
         self._lengths += 1
-        out = logits[:, -1].copy()
+        out = bound.logits[:, -1].copy()
         if self._rescore:
-            self._rescore(out, hidden[:, -1])
+            self._rescore(out, bound.hidden[:, -1])
         return out
 
     # -- buffers and bindings --------------------------------------------------------------------
@@ -239,7 +227,7 @@ class SharedKVSession(_Base):
         self._buffers = [np.zeros(shape, self._kv_dtype) for _ in self._past_names]
         for new, previous in zip(self._buffers, old, strict=False):
             new[:, :, : previous.shape[2]] = previous
-        self._decode = None
+        self._decode_binding = None
         return True
 
     def _bind_arrays(self, binding, rows: slice) -> None:
@@ -262,9 +250,9 @@ class SharedKVSession(_Base):
         index = np.arange(s) if all_positions else np.array([s - 1])
         ids = np.ascontiguousarray(ids)
         sess = self._prefill_sess
-        binding, *_, logits, _ = self._binding(ids, positions, seqlens, index, rows, sess)
-        sess.run_with_iobinding(binding)
-        return logits
+        bound = self._binding(ids, positions, seqlens, index, rows, sess)
+        sess.run_with_iobinding(bound.binding)
+        return bound.logits
 
     def _bind_decode(self, batch: int):
         """The decode binding: its inputs are arrays the caller fills in place each step."""
@@ -273,7 +261,7 @@ class SharedKVSession(_Base):
         seqlens = np.zeros(batch, np.int32)
         return self._binding(ids, positions, seqlens, index, slice(0, batch), self._sess)
 
-    def _binding(self, ids, positions, seqlens, index, rows: slice, sess):
+    def _binding(self, ids, positions, seqlens, index, rows: slice, sess) -> _Bound:
         """Bind inputs, the rows' KV buffers (as past and present), a logits array and, for the
         rescored decode session, an array for the lm_head's input."""
         if "logits_index" in self._inputs:
@@ -296,5 +284,18 @@ class SharedKVSession(_Base):
             binding.bind_output(
                 self._rescore.output, "cpu", 0, hidden.dtype, list(hidden.shape), hidden.ctypes.data
             )
-        binding._keep = (ids, positions, seqlens, index)  # bound memory must outlive the run
-        return binding, ids, positions, seqlens, index, logits, hidden
+        return _Bound(binding, ids, positions, seqlens, index, logits, hidden)
+
+
+@dataclass
+class _Bound:
+    """An I/O binding and the arrays it reads and writes: they must outlive its runs, and a
+    decode step refills the inputs in place."""
+
+    binding: Any
+    ids: np.ndarray  # [B, S] int64
+    positions: np.ndarray  # [B, S] int64
+    seqlens: np.ndarray  # [B] int32
+    index: np.ndarray  # [P] int64, logits_index
+    logits: np.ndarray  # [B, S or 1, V]
+    hidden: np.ndarray | None  # [B, 1, k]: the lm_head's input, for the rescorer

@@ -17,12 +17,14 @@ SmolLM2), so by default it is on only where that fits easily in free memory (`st
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from llmc.contract import IOContract
-from llmc.runtime.session import PositionTracker
+from llmc.errors import SessionError
+from llmc.runtime.session import PositionTracker, SessionOptions
+from llmc.runtime.session import Session as BaseSession
 from llmc.targets.base import step_feeds
 
 # Every CPU-plugin property of OpenVINO 2026.4 that changes the arithmetic, pinned, so that
@@ -106,26 +108,37 @@ def unpinned(compiled, wanted: dict) -> list[str]:
     ]
 
 
-class Session:
+@dataclass(frozen=True)
+class Options(SessionOptions):
+    """precision: "f32" (exact) or "bf16" (faster where the CPU has AVX512-BF16 or AMX, not
+    verified); None: what the artifact was built for. static_decode: decode through a copy of
+    the model reshaped to one new token per row (None: when it fits easily in free memory)."""
+
+    precision: str | None = None
+    static_decode: bool | None = None
+
+
+class Session(BaseSession):
+    Options = Options
+
     def __init__(
-        self,
-        directory: str | os.PathLike,
-        manifest: dict,
-        threads: int | None = None,
-        exact: bool = False,
-        precision: str | None = None,
-        static_decode: bool | None = None,
+        self, directory: str | os.PathLike, manifest: dict, options: Options | None = None
     ):
         """`exact`: every numeric property pinned (EXACT), what verification compares with the
         graph; otherwise a quantized f32 artifact whose zero points are integers runs on the fast
         kernels (int8 activations, DYNAMIC_QUANTIZATION_GROUP), whose distance from the exact
         ones the build records."""
+        super().__init__(directory, manifest, options)
+        exact, precision = self.options.exact, self.options.precision
+        threads, static_decode = self.options.threads, self.options.static_decode
         import openvino as ov
 
         target = manifest["target"]
         self.precision = "f32" if exact else precision or target.get("precision", "f32")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+            raise SessionError(
+                f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}."
+            )
         # fast kernels where the plugin has them: quantized weights with integer zero points
         quantized = bool(manifest.get("quantization"))
         fast = quantized and target.get("dynamic_quantization", True)
@@ -143,8 +156,6 @@ class Session:
         self._properties = compile_properties(self.precision, threads, self.dynamic_quantization)
         self.compiled = self._compile(self._model)
         self._request = self.compiled.create_infer_request()
-        self.max_context = IOContract.from_manifest(manifest).max_context
-        self.vocab_size = int(manifest["model"]["vocab_size"])
         self._inputs = {p.get_any_name() for p in self.compiled.inputs}
         self._positions = PositionTracker(self.max_context)
         if static_decode is None:
@@ -192,21 +203,19 @@ class Session:
                 state.state = states[state.name]
             self._live = request
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self._positions.reset()
         self._request.reset_state()
         self._live = self._request
 
-    def prefill(self, ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-        self.reset()
-        return self._step(ids, attention_mask)[:, -1]
+    def _prefill(self, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return self._step(ids, mask)[:, -1]
 
-    def decode(self, ids: np.ndarray) -> np.ndarray:
+    def _decode(self, ids: np.ndarray) -> np.ndarray:
         return self._step(ids, None)[:, -1]
 
-    def score(self, ids: np.ndarray) -> np.ndarray:
-        self.reset()
-        return self._step(np.asarray(ids)[None], None, all_positions=True)[0]
+    def _score(self, ids: np.ndarray) -> np.ndarray:
+        return self._step(ids[None], None, all_positions=True)[0]
 
     def _step(self, ids, new_mask, all_positions: bool = False) -> np.ndarray:
         feeds = step_feeds(self._positions, ids, new_mask, all_positions)
