@@ -94,9 +94,7 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
         ):
             emitted = target.emit(graph, tmp, options)
         loaded.tokenizer.save_pretrained(tmp)
-        manifest = assemble(
-            config, source, graph.spec, graph, emitted, reports, loaded, calibration
-        )
+        manifest = assemble(config, source, graph, emitted, reports, loaded, calibration)
         files = write_manifest(tmp, manifest)  # the session reads it during verification
         if config.verify:
             manifest["verification"] = _verify(config, source, loaded, target, tmp, graph, progress)

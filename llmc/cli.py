@@ -167,7 +167,7 @@ class _RichProgress:
 @click.option(
     "--calib",
     type=click.Path(path_type=Path),
-    help="Text file for GPTQ/AWQ calibration [default: ../shared/data/tinyshakespeare-dev.txt].",
+    help="Text file for GPTQ/AWQ calibration [default: a short text shipped with llmc].",
 )
 @click.option(
     "--calib-samples",

@@ -10,7 +10,7 @@ from llmc import __version__
 from llmc.host import host_cpu
 
 
-def assemble(config, source, spec, graph, emitted, reports, loaded, calibration=None) -> dict:
+def assemble(config, source, graph, emitted, reports, loaded, calibration=None) -> dict:
     import torch
     import transformers
 
@@ -27,7 +27,7 @@ def assemble(config, source, spec, graph, emitted, reports, loaded, calibration=
             **emitted.toolchain,
         },
         "source": source.to_dict(),
-        "model": spec.to_dict(),
+        "model": graph.spec.to_dict(),
         "target": {
             "name": config.target,
             "flavor": emitted.flavor,

@@ -20,6 +20,15 @@ class TargetOptions:
 
 
 @dataclass(frozen=True)
+class KVVariant:
+    """A KV-cache mode a target's artifacts can have, and the `--passes` edit that gives it
+    (None: the default pipeline). The conformance suite builds every one."""
+
+    mode: str  # a llmc.contract.KVMode value
+    passes: str | None = None
+
+
+@dataclass(frozen=True)
 class TargetInfo:
     name: str
     module: str  # sub-package with pipeline.pipeline(), emit.emit() and session.<session class>
@@ -28,6 +37,7 @@ class TargetInfo:
     ready: bool = True  # False: planned, not implemented in this version
     runtime: str = ""  # the module (and distribution) its session needs, version-checked at load
     description: str = ""
+    kv_variants: tuple[KVVariant, ...] = (KVVariant("concat"),)
 
     def missing(self, for_runtime: bool = False) -> list[str]:
         needed = (self.runtime,) if for_runtime and self.runtime else self.requires
@@ -74,6 +84,7 @@ TARGETS: dict[str, TargetInfo] = {
             "pip install 'llmc[onnx]'",
             description="ONNX graph run by onnxruntime (CPU)",
             runtime="onnxruntime",
+            kv_variants=(KVVariant("shared"), KVVariant("concat", "-rewire_kv_cache")),
         ),
         TargetInfo(
             "openvino",
@@ -82,6 +93,7 @@ TARGETS: dict[str, TargetInfo] = {
             "pip install 'llmc[openvino]'",
             description="stateful OpenVINO IR run by OpenVINO's CPU plugin",
             runtime="openvino",
+            kv_variants=(KVVariant("stateful"),),
         ),
         TargetInfo(
             "tvm",

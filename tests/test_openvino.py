@@ -14,7 +14,7 @@ from llmc.artifact import read_manifest
 from llmc.cli import cli
 from tests.conftest import TINY_ARCHS
 from tests.test_passes import GOLDEN
-from tests.test_tiny_end_to_end import PROMPT, check_batch_equals_rows, hf_greedy
+from tests.test_tiny_end_to_end import PROMPT, check_batch_equals_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "build" / "native" / "llmc-run"
@@ -26,15 +26,12 @@ def ov_artifact(tiny_artifact):
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_tiny_architecture_is_stateful_fused_and_matches_transformers(
-    arch, ov_artifact, tiny_model
-):
+def test_tiny_architecture_is_stateful_and_fused(arch, ov_artifact, tiny_model):
+    """What the plugin made of each family (parity, greedy and batches: test_conformance.py)."""
     path = ov_artifact(arch)
     m = read_manifest(path)
     assert m["io"]["kv_mode"] == "stateful" and m["io"]["past_inputs"] == []
-    ver = m["verification"]
-    assert ver["passed"] and ver["max_abs_diff"] <= 1e-4 and ver["greedy_agreement"] == 18
-    model, tokenizer = tiny_model(arch)
+    model, _ = tiny_model(arch)
     layers = m["model"]["num_layers"]
     # One SDPA per layer, reading its KV cache from state; a logit soft-cap has no SDPA form.
     softcap = getattr(model.config.get_text_config(), "attn_logit_softcapping", None)
@@ -56,9 +53,6 @@ def test_tiny_architecture_is_stateful_fused_and_matches_transformers(
     names = {p.get_any_name() for p in gen.session.compiled.inputs}
     assert names == {"input_ids", "position_ids", "attention_mask", "logits_index", "beam_idx"}
     assert [p.get_any_name() for p in gen.session.compiled.outputs] == ["logits"]
-    ids = tokenizer(PROMPT)["input_ids"]
-    ours = [int(t[0]) for t in gen.generate_ids([ids], rt.GenerationConfig(32, ignore_eos=True))]
-    assert ours == hf_greedy(model, ids, 32)
 
 
 def test_batched_left_padded_rows_and_a_reset_state(ov_artifact):

@@ -415,3 +415,15 @@ def test_every_architecture_quantizes_every_projection(arch, tiny_artifact):
     ops = m["graph"]["op_histogram"]
     assert ops["com.microsoft::MatMulNBits"] == counts["quantized"]
     assert not {"MatMul", "Gemm"} & set(ops)  # no fp32 projection left (gpt2: Conv1D too)
+
+
+def test_default_calibration_text_ships_with_llmc(tiny_model):
+    """GPTQ/AWQ calibrate on a text inside the package when no --calib is given, so an installed
+    llmc needs no repository checkout; its hash and windows go in the manifest."""
+    from llmc.compiler.calibration import DEFAULT_TEXT, calibration
+
+    _, tokenizer = tiny_model("llama")
+    calib = calibration(None, tokenizer, samples=32, seqlen=128, max_context=512)
+    assert calib.file == "calibration.txt" and DEFAULT_TEXT.is_file()
+    assert calib.samples >= 8 and all(len(row) == 128 for row in calib.rows)
+    assert set(calib.record()) == {"file", "sha256", "samples", "seqlen"}
