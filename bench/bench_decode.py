@@ -55,7 +55,9 @@ def run_llmc(artifact: str, threads: int, runs: int, hint: str | None, exact: bo
             tokens.append(int(step[0]))
         return start, stamps, tokens
 
-    return {**_measure(timed, ids, long_ids, runs), "kernels": gen.session.fast_kernels or "exact"}
+    precision = getattr(gen.session, "precision", "f32")
+    kernels = gen.session.fast_kernels or ("exact" if precision == "f32" else precision)
+    return {**_measure(timed, ids, long_ids, runs), "kernels": kernels}
 
 
 def _measure(timed, ids, long_ids, runs: int) -> dict:

@@ -38,7 +38,11 @@ def calibration(
     path = Path(path) if path else DEFAULT_TEXT
     if not path.is_file():
         raise LlmcError(f"--calib {path} is not a file; pass a UTF-8 text file.")
-    ids = torch.tensor(tokenizer(path.read_text(encoding="utf-8"), verbose=False)["input_ids"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LlmcError(f"--calib {path} is not UTF-8 text; pass a plain text file.") from None
+    ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"])
     seqlen = min(seqlen, max_context, len(ids))
     if seqlen < 8:
         raise LlmcError(f"--calib {path} is too short; pass a text of a few hundred words.")

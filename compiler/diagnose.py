@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 from llmc.errors import LlmcError, UnsupportedModelError
 
@@ -71,6 +73,24 @@ def named_op(exc: BaseException) -> str | None:
     return None
 
 
+def _raised_by_llmc(exc: BaseException) -> bool:
+    """Whether the root cause was raised in llmc's own code (a bug to report: exit 1), not in
+    transformers, torch or a back end's converter (a model llmc cannot handle yet: exit 2)."""
+    import llmc
+    import llmc.compiler
+    import llmc.passes
+    import llmc.runtime
+    import llmc.targets
+
+    ours = [str(Path(m.__file__).parent) for m in (llmc, llmc.compiler, llmc.passes, llmc.runtime,
+                                                     llmc.targets)]  # fmt: skip
+    tb = _chain(exc)[-1].__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return last is not None and any(last.startswith(d + os.sep) for d in ours)
+
+
 @contextlib.contextmanager
 def tracing(model, architecture: str) -> Iterator[None]:
     """Tracing errors name the module (and op, where the message names one) that stopped them."""
@@ -79,6 +99,8 @@ def tracing(model, architecture: str) -> Iterator[None]:
     except LlmcError:
         raise
     except Exception as exc:
+        if _raised_by_llmc(exc):
+            raise
         where = innermost_module(exc, model)
         op = named_op(exc)
         at = " at " + ", ".join(x for x in (where, op and f"op {op}") if x) if where or op else ""
@@ -96,6 +118,8 @@ def emitting(target: str, architecture: str) -> Iterator[None]:
     except LlmcError:
         raise
     except Exception as exc:
+        if _raised_by_llmc(exc):
+            raise
         op = named_op(exc)
         at = f" (op{'s' if ', ' in op else ''} {op})" if op else ""
         raise CannotCompileError(

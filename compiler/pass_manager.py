@@ -118,18 +118,11 @@ def check_requirements(passes: list[Pass]) -> None:
 def select(passes: list[Pass], spec: str | None, dump_after: tuple[str, ...] = ()) -> list[Pass]:
     """Apply `--passes` edits such as "-eliminate_dead_code" (comma-separated) to a pipeline;
     disabling a pass that others need is refused, naming them. `--dump-after` must name a pass
-    of the pipeline."""
+    the pipeline then runs."""
     check_requirements(passes)
-    names = {p.name for p in passes}
-    for name in dump_after:
-        if name not in names:
-            raise LlmcError(
-                f"--dump-after {name}: not a pass of this pipeline; choose one of: "
-                + ", ".join(p.name for p in passes)
-                + "."
-            )
     if not spec:
-        return passes
+        return _check_dumps(passes, dump_after)
+    names = {p.name for p in passes}
     disabled = set()
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         name = item.lstrip("-")
@@ -148,7 +141,19 @@ def select(passes: list[Pass], spec: str | None, dump_after: tuple[str, ...] = (
                 f"--passes -{name} would leave {', '.join(needs)} without it; disable those too "
                 f"(--passes {','.join('-' + n for n in chain)}) or keep {name}."
             )
-    return kept
+    return _check_dumps(kept, dump_after)
+
+
+def _check_dumps(passes: list[Pass], dump_after: tuple[str, ...]) -> list[Pass]:
+    """`--dump-after` must name a pass the pipeline will run."""
+    for name in dump_after:
+        if name not in {p.name for p in passes}:
+            raise LlmcError(
+                f"--dump-after {name}: not a pass this pipeline runs; choose one of: "
+                + ", ".join(p.name for p in passes)
+                + "."
+            )
+    return passes
 
 
 def _dependents(passes: list[Pass], name: str) -> list[str]:

@@ -122,7 +122,8 @@ def _trace(config: BuildConfig, loaded, passes, ctx, progress):
     from llmc.compiler.spec import ModelSpec
     from llmc.compiler.trace import trace
 
-    spec = ModelSpec.from_model(loaded.model)
+    with tracing(loaded.model, loaded.model.config.model_type):  # one eager step runs here too
+        spec = ModelSpec.from_model(loaded.model)
     if config.max_context:
         if config.max_context > spec.max_context:
             raise LlmcError(

@@ -108,9 +108,6 @@ class IOContract:
         return self.cache.dtype if name.startswith(("past_", "present.")) else _DTYPES[name]
 
     # -- changes (passes and targets) ---------------------------------------------------------
-    def with_kv_mode(self, mode: KVMode) -> IOContract:
-        return dataclasses.replace(self, kv_mode=KVMode(mode))
-
     def with_logits(self, logits: Logits) -> IOContract:
         return dataclasses.replace(self, logits=Logits(logits))
 

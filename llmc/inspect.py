@@ -10,6 +10,7 @@ def render(manifest: dict, directory: Path) -> None:
     from rich.table import Table
 
     from llmc.contract import IOContract
+    from llmc.evaluate import describe as describe_evaluation
     from llmc.host import describe
 
     console = Console(highlight=False)
@@ -67,7 +68,7 @@ def render(manifest: dict, directory: Path) -> None:
     if fast:
         host = manifest["build"].get("host")
         console.print(
-            f"         fast kernels (the default; exact=True turns them off), "
+            f"         fast kernels (the default; --exact or exact=True turns them off), "
             f"{fast.get('kernels', 'int8 activations')}: max |Δlogits| "
             f"{fast['max_abs_diff']:.2e}, greedy "
             f"{fast['greedy_agreement']}/{fast['steps_compared']}"
@@ -75,16 +76,7 @@ def render(manifest: dict, directory: Path) -> None:
         )
     evaluation = manifest.get("evaluation")
     if evaluation:
-        console.print(
-            f"ppl      {evaluation['perplexity']:.3f} on {evaluation['tokens']} tokens of "
-            f"{evaluation['file']} (fp32 PyTorch {evaluation['reference']['perplexity']:.3f}, "
-            f"{evaluation['increase']:+.2%}"
-            + (
-                f"; exact kernels {evaluation['exact']['increase']:+.2%})"
-                if "exact" in evaluation
-                else ")"
-            )
-        )
+        console.print(f"ppl      {describe_evaluation(evaluation)}")
 
     files = Table(
         "file", "MB", "sha256", title=f"files ({size / 1e6:.1f} MB)", title_justify="left"

@@ -142,6 +142,15 @@ class Session(ABC):
         return mask.astype(np.int64)
 
 
+def check_context(needed: int, max_context: int) -> None:
+    """ContextLengthError unless `needed` positions fit the artifact's context."""
+    if needed > max_context:
+        raise ContextLengthError(
+            f"the sequence needs {needed} positions but the artifact's context is "
+            f"{max_context}; shorten the prompt or lower max_new_tokens."
+        )
+
+
 class PositionTracker:
     """The attention mask and position ids of a left-padded batch as it grows."""
 
@@ -159,12 +168,7 @@ class PositionTracker:
     def extend(self, new_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Append the new tokens' mask; return (full mask [B, T], new positions [B, S])."""
         new_mask = new_mask.astype(np.int64)
-        total = self.length + new_mask.shape[1]
-        if total > self.max_context:
-            raise ContextLengthError(
-                f"the sequence needs {total} positions but the artifact's context is "
-                f"{self.max_context}; shorten the prompt or lower max_new_tokens."
-            )
+        check_context(self.length + new_mask.shape[1], self.max_context)
         self.mask = new_mask if self.mask is None else np.concatenate([self.mask, new_mask], 1)
         positions = np.cumsum(self.mask, axis=1) - 1
         positions = np.where(self.mask == 0, 1, positions)  # padding: any valid position

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 
+from llmc.contract import KVMode
 from llmc.errors import TargetError
 
 # BuildConfig fields (and `llmc build` flags) that only some targets take: a target takes those its
@@ -24,7 +25,7 @@ class KVVariant:
     """A KV-cache mode a target's artifacts can have, and the `--passes` edit that gives it
     (None: the default pipeline). The conformance suite builds every one."""
 
-    mode: str  # a llmc.contract.KVMode value
+    mode: KVMode
     passes: str | None = None
 
 
@@ -37,7 +38,7 @@ class TargetInfo:
     ready: bool = True  # False: planned, not implemented in this version
     runtime: str = ""  # the module (and distribution) its session needs, version-checked at load
     description: str = ""
-    kv_variants: tuple[KVVariant, ...] = (KVVariant("concat"),)
+    kv_variants: tuple[KVVariant, ...] = (KVVariant(KVMode.CONCAT),)
 
     def missing(self, for_runtime: bool = False) -> list[str]:
         needed = (self.runtime,) if for_runtime and self.runtime else self.requires
@@ -84,7 +85,7 @@ TARGETS: dict[str, TargetInfo] = {
             "pip install 'llmc[onnx]'",
             description="ONNX graph run by onnxruntime (CPU)",
             runtime="onnxruntime",
-            kv_variants=(KVVariant("shared"), KVVariant("concat", "-rewire_kv_cache")),
+            kv_variants=(KVVariant(KVMode.SHARED), KVVariant(KVMode.CONCAT, "-rewire_kv_cache")),
         ),
         TargetInfo(
             "openvino",
@@ -93,7 +94,7 @@ TARGETS: dict[str, TargetInfo] = {
             "pip install 'llmc[openvino]'",
             description="stateful OpenVINO IR run by OpenVINO's CPU plugin",
             runtime="openvino",
-            kv_variants=(KVVariant("stateful"),),
+            kv_variants=(KVVariant(KVMode.STATEFUL),),
         ),
         TargetInfo(
             "tvm",

@@ -12,6 +12,7 @@ import torch
 
 import llmc.runtime as rt
 from llmc.artifact import read_manifest
+from llmc.contract import IOContract, KVMode
 from llmc.errors import ContextLengthError, SessionError
 from llmc.evaluate import TorchScorer, evaluate_session
 from llmc.targets import TARGETS
@@ -20,7 +21,7 @@ from tests.test_tiny_end_to_end import PROMPT, check_batch_equals_rows, hf_greed
 
 DATA = "../shared/data/tinyshakespeare-dev.txt"
 VARIANTS = [
-    pytest.param(name, v.mode, v.passes, id=f"{name}-{v.mode}")
+    pytest.param(name, v.mode, v.passes, id=f"{name}-{v.mode.value}")
     for name, info in TARGETS.items()
     if info.ready and not info.missing()
     for v in info.kv_variants
@@ -36,11 +37,13 @@ def _build(tiny_artifact, arch: str, target: str, passes: str | None, **more):
     return tiny_artifact(arch, target=target, **({"passes": passes} if passes else {}), **more)
 
 
-def _expected_mode(manifest: dict, mode: str) -> str:
-    """The variant's KV mode; a shared cache needs llmc attention, so a model that keeps its own
-    (falcon: no AttentionInterface) stays concat, as its replace_attention report says."""
+def _check_mode(manifest: dict, mode: KVMode) -> None:
+    """The artifact has the variant's KV mode; a shared cache needs llmc attention, so a model
+    that keeps its own (falcon: no AttentionInterface) stays concat, as its report says."""
     report = next(r for r in manifest["passes"] if r["name"] == "replace_attention")
-    return "concat" if mode == "shared" and not report["counts"]["attention"] else mode
+    replaced = report["counts"]["attention"] > 0
+    want = KVMode.CONCAT if mode is KVMode.SHARED and not replaced else mode
+    assert IOContract.from_manifest(manifest).kv_mode is want
 
 
 def _perplexities(gen, model, tokenizer) -> tuple[float, float]:
@@ -60,7 +63,7 @@ def _perplexities(gen, model, tokenizer) -> tuple[float, float]:
 def test_fp32_family(arch, target, mode, passes, tiny_artifact, tiny_model):
     path = _build(tiny_artifact, arch, target, passes)
     m = read_manifest(path)
-    assert m["io"]["kv_mode"] == _expected_mode(m, mode)
+    _check_mode(m, mode)
     ver = m["verification"]
     assert ver["passed"] and ver["max_abs_diff"] <= 1e-4 and ver["greedy_agreement"] == 18
     model, tokenizer = tiny_model(arch)
@@ -89,7 +92,7 @@ def test_quantized_family(arch, target, mode, passes, quant, tiny_artifact, tiny
     fast kernels included, keeps rows independent and perplexity near fp32's."""
     path = _build(tiny_artifact, arch, target, passes, quant=quant)
     m = read_manifest(path)
-    assert m["io"]["kv_mode"] == _expected_mode(m, mode)
+    _check_mode(m, mode)
     assert m["quantization"]["bits"] == int(quant[3:])
     ver = m["verification"]
     assert ver["passed"] and ver["reference"] == "pytorch-llmc-graph"

@@ -216,5 +216,5 @@ def check_fast_kernels_are_a_recorded_choice(out: Path, fast) -> None:
     assert record["kernels"] == fast.fast_kernels and record["steps_compared"] == 18
     assert record["max_abs_diff"] >= 0 and m["build"]["host"]["model"]
     shown = " ".join(CliRunner().invoke(cli, ["inspect", str(out)]).output.split())  # unwrapped
-    assert "fast kernels (the default; exact=True turns them off)" in shown
+    assert "fast kernels (the default; --exact or exact=True turns them off)" in shown
     assert "dynamic quantization" in shown and "measured on" in shown

@@ -10,7 +10,7 @@ from llmc.compiler.graph import Graph
 from llmc.compiler.pass_manager import PassContext, run_pipeline, select, trace_options
 from llmc.compiler.spec import ModelSpec
 from llmc.compiler.trace import trace
-from llmc.contract import KVMode
+from llmc.contract import KVMode, Logits
 from llmc.errors import LlmcError
 from llmc.passes.eliminate_dead_code import EliminateDeadCode
 from llmc.passes.fold_layout import FoldLayout
@@ -326,7 +326,7 @@ def test_prune_lm_head_positive_and_negative(tiny_model):
     report, _, _ = apply(graph, PruneLmHead())
     last = graph.run(ids, pos, seqlens, torch.tensor([4]), *past)[0]
     some = graph.run(ids, pos, seqlens, torch.tensor([0, 3]), *past)[0]
-    assert full.shape[1] == 5 and last.shape[1] == 1 and graph.io.logits == "selected"
+    assert full.shape[1] == 5 and last.shape[1] == 1 and graph.io.logits is Logits.SELECTED
     assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
     assert torch.allclose(some, full[:, [0, 3]], atol=1e-5)
     # the last layer after its attention works on the selected positions too: o_proj, norms, MLP
@@ -386,7 +386,7 @@ def test_fuse_rotary_attention_positive_and_concat_negative(tiny_model):
     cut = [p.name for p in passes].index("fuse_rotary_attention")
     run_pipeline(graph, passes[:cut])
     report, before, after = apply(graph, FuseRotaryAttention())
-    assert not report.modified and before == after and graph.kv_mode == "concat"
+    assert not report.modified and before == after and graph.kv_mode is KVMode.CONCAT
     assert report.notes == ["kv_mode is concat: positions are not cache indices"]
 
 
@@ -449,7 +449,9 @@ def test_select_disables_a_pass_and_rejects_unknown_names():
     assert "eliminate_dead_code" not in names and "prune_lm_head" not in names and len(names) == 11
     with pytest.raises(LlmcError, match="would leave pack_qkv without it"):
         select(pipeline(), "-fuse_qkv")
-    with pytest.raises(LlmcError, match="--dump-after fuse_everything: not a pass"):
+    with pytest.raises(
+        LlmcError, match="--dump-after fuse_everything: not a pass this pipeline runs"
+    ):
         select(pipeline(), None, dump_after=("fuse_everything",))
     with pytest.raises(LlmcError, match="not one of"):
         select(pipeline(), "-fuse_everything")

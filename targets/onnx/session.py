@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 
 from llmc.contract import IOContract, KVMode, Logits
-from llmc.errors import ContextLengthError
-from llmc.runtime.session import PositionTracker, SessionOptions
+from llmc.runtime.session import PositionTracker, SessionOptions, check_context
 from llmc.runtime.session import Session as BaseSession
 from llmc.targets.base import step_feeds
 from llmc.targets.onnx.rescore import LmHeadRescorer
@@ -173,7 +172,7 @@ class SharedKVSession(Session):
         mask = np.ones_like(ids) if mask is None else mask
         rows = [ids[b][mask[b] != 0] for b in range(ids.shape[0])]
         longest = max(len(r) for r in rows)
-        self._check(longest)
+        check_context(longest, self.max_context)
         self._reserve(len(rows), longest + 1)
         logits = np.empty((len(rows), self.vocab_size), np.float32)
         for b, row in enumerate(rows):
@@ -185,7 +184,7 @@ class SharedKVSession(Session):
         return logits
 
     def _score(self, row: np.ndarray) -> np.ndarray:
-        self._check(len(row))
+        check_context(len(row), self.max_context)
         self._reserve(1, len(row))
         chunks = range(0, len(row), self._chunk)
         out = [self._run(row[None, i : i + self._chunk], i, slice(0, 1), True) for i in chunks]
@@ -194,7 +193,7 @@ class SharedKVSession(Session):
 
     def _decode(self, ids: np.ndarray) -> np.ndarray:
         needed = int(self._lengths.max()) + 1
-        self._check(needed)
+        check_context(needed, self.max_context)
         if self._reserve(len(ids), needed) or self._decode_binding is None:
             self._decode_binding = self._bind_decode(len(ids))
         bound = self._decode_binding
@@ -209,13 +208,6 @@ class SharedKVSession(Session):
         return out
 
     # -- buffers and bindings --------------------------------------------------------------------
-    def _check(self, needed: int) -> None:
-        if needed > self.max_context:
-            raise ContextLengthError(
-                f"the sequence needs {needed} positions but the artifact's context is "
-                f"{self.max_context}; shorten the prompt or lower max_new_tokens."
-            )
-
     def _reserve(self, batch: int, needed: int) -> bool:
         """Make the buffers hold `needed` positions for `batch` rows; True if they moved."""
         if self._buffers and self._buffers[0].shape[0] == batch and self.capacity >= needed:
@@ -264,7 +256,7 @@ class SharedKVSession(Session):
     def _binding(self, ids, positions, seqlens, index, rows: slice, sess) -> _Bound:
         """Bind inputs, the rows' KV buffers (as past and present), a logits array and, for the
         rescored decode session, an array for the lm_head's input."""
-        if "logits_index" in self._inputs:
+        if self.io.logits_index:
             kept = len(index)
         else:
             kept = 1 if self._last_only else ids.shape[1]

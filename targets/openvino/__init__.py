@@ -9,3 +9,9 @@ class Options:
     """`llmc build --target openvino` options."""
 
     precision: str = "f32"  # what the artifact runs at: f32 (exact) or bf16 (not verified)
+
+    def __post_init__(self):
+        from llmc.errors import TargetError
+
+        if self.precision not in ("f32", "bf16"):
+            raise TargetError(f"--precision {self.precision}: choose f32 or bf16.")

@@ -137,11 +137,13 @@ class Session(BaseSession):
         self.precision = "f32" if exact else precision or target.get("precision", "f32")
         if self.precision not in PRECISIONS:
             raise SessionError(
-                f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}."
+                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}."
             )
+        if exact and precision not in (None, "f32"):
+            raise SessionError(f"exact=True runs at f32; it cannot run at {precision}.")
         # fast kernels where the plugin has them: quantized weights with integer zero points
         quantized = bool(manifest.get("quantization"))
-        fast = quantized and target.get("dynamic_quantization", True)
+        fast = quantized and target.get("dynamic_quantization", False)  # older: not measured
         fast = fast and not exact and self.precision == "f32"
         self.dynamic_quantization = DYNAMIC_QUANTIZATION_GROUP if fast else 0
         self.fast_prompts = fast  # prompts (and so perplexity) run on the fast kernels too
@@ -173,7 +175,7 @@ class Session(BaseSession):
         if self.precision == "f32" and (off := unpinned(compiled, self._properties)):
             raise ArtifactError(
                 f"OpenVINO's CPU plugin did not take the exact settings ({', '.join(off)}); "
-                "install the OpenVINO release the artifact was built with."
+                "use an OpenVINO release llmc supports (pip install 'llmc[openvino]')."
             )
         return compiled
 
