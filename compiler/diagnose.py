@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from llmc.errors import LlmcError, UnsupportedModelError
@@ -92,8 +92,9 @@ def _raised_by_llmc(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def tracing(model, architecture: str) -> Iterator[None]:
-    """Tracing errors name the module (and op, where the message names one) that stopped them."""
+def _diagnosed(what: Callable[[BaseException], str]) -> Iterator[None]:
+    """Turn an error of a library into CannotCompileError("<what>: <its first line>"); llmc's
+    own errors and bugs pass through."""
     try:
         yield
     except LlmcError:
@@ -101,28 +102,28 @@ def tracing(model, architecture: str) -> Iterator[None]:
     except Exception as exc:
         if _raised_by_llmc(exc):
             raise
-        where = innermost_module(exc, model)
-        op = named_op(exc)
-        at = " at " + ", ".join(x for x in (where, op and f"op {op}") if x) if where or op else ""
         raise CannotCompileError(
-            f"{architecture!r} cannot be traced{at}: {_first_line(_chain(exc)[-1])}; "
-            "re-run with --debug for the traceback."
+            f"{what(exc)}: {_first_line(_chain(exc)[-1])}; re-run with --debug for the traceback."
         ) from exc
 
 
-@contextlib.contextmanager
-def emitting(target: str, architecture: str) -> Iterator[None]:
+def tracing(model, architecture: str):
+    """Tracing errors name the module (and op, where the message names one) that stopped them."""
+
+    def what(exc: BaseException) -> str:
+        where, op = innermost_module(exc, model), named_op(exc)
+        at = " at " + ", ".join(x for x in (where, op and f"op {op}") if x) if where or op else ""
+        return f"{architecture!r} cannot be traced{at}"
+
+    return _diagnosed(what)
+
+
+def emitting(target: str, architecture: str):
     """Back-end errors name the op the exporter or converter could not lower."""
-    try:
-        yield
-    except LlmcError:
-        raise
-    except Exception as exc:
-        if _raised_by_llmc(exc):
-            raise
+
+    def what(exc: BaseException) -> str:
         op = named_op(exc)
         at = f" (op{'s' if ', ' in op else ''} {op})" if op else ""
-        raise CannotCompileError(
-            f"the {target} back end cannot emit this {architecture!r} graph{at}: "
-            f"{_first_line(_chain(exc)[-1])}; re-run with --debug for the traceback."
-        ) from exc
+        return f"the {target} back end cannot emit this {architecture!r} graph{at}"
+
+    return _diagnosed(what)
