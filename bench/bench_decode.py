@@ -55,7 +55,7 @@ def run_llmc(artifact: str, threads: int, runs: int, hint: str | None, exact: bo
             tokens.append(int(step[0]))
         return start, stamps, tokens
 
-    precision = getattr(gen.session, "precision", "f32")
+    precision = getattr(gen.session, "precision", "f32")  # OpenVINO's compute precision
     kernels = gen.session.fast_kernels or ("exact" if precision == "f32" else precision)
     return {**_measure(timed, ids, long_ids, runs), "kernels": kernels}
 
@@ -165,9 +165,8 @@ def run_ort_genai(model_dir: str, artifact: str, threads: int, runs: int) -> dic
 
 def run_ov_genai(model_dir: str, artifact: str, threads: int, runs: int, hint: str, exact: bool):
     """openvino_genai.LLMPipeline, stateful SDPA backend, prefix caching off, at the compute
-    precision `hint` (f32: f32 inference and KV cache, as llmc's OpenVINO artifacts run by
-    default; bf16: OpenVINO's own default on this CPU). Dynamic quantization (int8 activations
-    into compressed-weight matmuls) is the plugin's default unless `exact` turns it off."""
+    precision `hint` (f32: f32 inference and KV cache, llmc's default; bf16: OpenVINO's own
+    default here), with the plugin's dynamic quantization unless `exact` turns it off."""
     import numpy as np
     import openvino as ov
     import openvino_genai as ov_genai

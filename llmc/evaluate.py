@@ -117,7 +117,7 @@ def evaluate_build(session_class, directory: Path, manifest: dict, config, model
         "increase": ours["perplexity"] / reference - 1,
         "max_increase": config.max_ppl_increase,
     }
-    if getattr(session, "fast_prompts", False):
+    if session.fast_prompts:
         del session
         exact = measure(session_class.open(directory, manifest, exact=True))["perplexity"]
         entry["exact"] = {"perplexity": exact, "increase": exact / reference - 1}
