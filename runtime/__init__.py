@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from llmc.runtime.generator import GenerationConfig, Generator
+from llmc.runtime.generator import GenerationConfig, Generator, StepEvent, Usage
 from llmc.runtime.sampling import SamplingParams
 
-__all__ = ["load", "Generator", "GenerationConfig", "SamplingParams"]
+__all__ = ["load", "Generator", "GenerationConfig", "SamplingParams", "StepEvent", "Usage"]
 
 
 def load(

@@ -23,6 +23,29 @@ class GenerationConfig:
     sampling: SamplingParams = SamplingParams()
 
 
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int  # every token sampled, the end-of-sequence token included
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One step of one sequence: the token sampled and the text it made visible (possibly
+    empty: UTF-8 safe, a stop string never shown). The sequence's last event says why it
+    finished, "stop" (a stop string), "eos" (an end-of-sequence token) or "length"
+    (max_new_tokens or the artifact's context), with its token counts."""
+
+    token: int
+    text: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
 class Generator:
     def __init__(self, session: Session, tokenizer: Tokenizer, manifest: dict):
         self.session = session
@@ -68,7 +91,7 @@ class Generator:
         sampler = Sampler(config.sampling)
         eos = set() if config.ignore_eos else set(self.tokenizer.eos_token_ids)
         done = np.zeros(batch, dtype=bool)
-        budget = min(config.max_new_tokens, self.session.max_context - width)
+        budget = self._budget(config, width)
         logits = self.session.prefill(ids, mask)
         for step in range(budget):
             nxt = sampler(logits, history)
@@ -81,48 +104,63 @@ class Generator:
                 return
             logits = self.session.decode(nxt[:, None])
 
-    # -- text API --------------------------------------------------------------------------------
+    # -- events and text ---------------------------------------------------------------------
+    def events(self, prompt: Prompt, chat: bool = False, **kwargs) -> Iterator[StepEvent]:
+        """The step events of one prompt (sampling options as for `generate`)."""
+        for step in self.events_batch([prompt], chat=chat, **kwargs):
+            yield step[0]
+
+    def events_batch(
+        self, prompts: list[Prompt], chat: bool = False, **kwargs
+    ) -> Iterator[list[StepEvent | None]]:
+        """Per step, one event per prompt (None once that prompt has finished); every prompt
+        ends with an event that has a finish reason."""
+        config = _config(**kwargs)
+        encoded = [self.encode(p, chat) for p in prompts]
+        detoks = [Detokenizer(self.tokenizer, list(config.stop)) for _ in prompts]
+        eos = set() if config.ignore_eos else set(self.tokenizer.eos_token_ids)
+        budget = self._budget(config, max(len(p) for p in encoded))
+        finished = [False] * len(prompts)
+        for step, nxt in enumerate(self.generate_ids(encoded, config)):
+            events: list[StepEvent | None] = [None] * len(prompts)
+            for row, token in enumerate(nxt.tolist()):
+                if finished[row]:
+                    continue
+                detok = detoks[row]
+                if token in eos:
+                    text, reason = detok.flush(), "eos"
+                else:
+                    text = detok.push(token)
+                    reason = "stop" if detok.stopped else None
+                    if reason is None and step == budget - 1:
+                        text, reason = text + detok.flush(), "length"
+                usage = Usage(len(encoded[row]), step + 1) if reason else None
+                events[row] = StepEvent(token, text, reason, usage)
+                finished[row] = reason is not None
+            yield events
+            if all(finished):
+                return
+
     def stream(self, prompt: Prompt, chat: bool = False, **kwargs) -> Iterator[str]:
         """Yield text pieces as they are generated (UTF-8 safe, stop strings never shown)."""
-        config = _config(**kwargs)
-        detok = Detokenizer(self.tokenizer, list(config.stop))
-        eos = set(self.tokenizer.eos_token_ids)
-        for nxt in self.generate_ids([self.encode(prompt, chat)], config):
-            token = int(nxt[0])
-            if token in eos and not config.ignore_eos:
-                break
-            piece = detok.push(token)
-            if piece:
-                yield piece
-            if detok.stopped:
-                return
-        tail = detok.flush()
-        if tail:
-            yield tail
+        for event in self.events(prompt, chat=chat, **kwargs):
+            if event.text:
+                yield event.text
 
     def generate(self, prompt: Prompt, chat: bool = False, **kwargs) -> str:
         return "".join(self.stream(prompt, chat=chat, **kwargs))
 
     def generate_batch(self, prompts: list[Prompt], chat: bool = False, **kwargs) -> list[str]:
-        config = _config(**kwargs)
-        encoded = [self.encode(p, chat) for p in prompts]
-        detoks = [Detokenizer(self.tokenizer, list(config.stop)) for _ in prompts]
-        finished = [False] * len(prompts)
-        eos = set(self.tokenizer.eos_token_ids)
-        for nxt in self.generate_ids(encoded, config):
-            for row, token in enumerate(nxt.tolist()):
-                if finished[row]:
-                    continue
-                if token in eos and not config.ignore_eos:
-                    finished[row] = True
-                    continue
-                detoks[row].push(token)
-                finished[row] = detoks[row].stopped
-            if all(finished):
-                break
-        for d in detoks:
-            d.flush()
-        return [d.text for d in detoks]
+        texts = [""] * len(prompts)
+        for events in self.events_batch(prompts, chat=chat, **kwargs):
+            for row, event in enumerate(events):
+                if event is not None:
+                    texts[row] += event.text
+        return texts
+
+    def _budget(self, config: GenerationConfig, width: int) -> int:
+        """New tokens a batch whose longest prompt has `width` tokens gets."""
+        return min(config.max_new_tokens, self.session.max_context - width)
 
 
 def _config(

@@ -60,33 +60,47 @@ def _compile_template(source: str):
 
 class Detokenizer:
     """Turns a growing token list into text pieces that never split a multi-byte character and
-    never show a stop string (or the start of one that may still complete)."""
+    never show a stop string (or the start of one that may still complete).
+
+    Incremental: each token decodes only a short window of the ids (from the last emitted
+    boundary), so a long generation costs O(new text) per token, not a decode of everything so
+    far. The window's first token is decoded in both halves of the difference, so a tokenizer
+    that treats a sequence's first token specially (a leading space dropped) gives the same text
+    as decoding all the ids at once."""
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None):
         self._tok = tokenizer
         self._stop = [s for s in (stop or []) if s]
         self.ids: list[int] = []
-        self.text = ""  # what has been emitted
+        self.decoded = ""  # the text of ids[:_read]
+        self.text = ""  # what has been emitted (a prefix of `decoded`)
         self.stopped = False
+        self._prefix = 0  # ids[_prefix:_read] decode to the tail of `decoded`
+        self._read = 0
 
     def push(self, token: int) -> str:
         """Add a token; return the new text that is safe to show (possibly empty)."""
         self.ids.append(token)
-        full = self._tok.decode(self.ids)
-        if full.endswith(REPLACEMENT):  # an incomplete UTF-8 sequence: wait for more bytes
-            return ""
+        known = self._tok.decode(self.ids[self._prefix : self._read])
+        window = self._tok.decode(self.ids[self._prefix :])
+        if len(window) <= len(known) or window.endswith(REPLACEMENT):
+            return ""  # no new text yet, or an incomplete UTF-8 sequence: wait for more bytes
+        self.decoded += window[len(known) :]
+        self._prefix, self._read = self._read, len(self.ids)
         for s in self._stop:
-            at = full.find(s, max(0, len(self.text) - len(s)))
+            at = self.decoded.find(s, max(0, len(self.text) - len(s)))
             if at != -1:
                 self.stopped = True
-                return self._emit(full[:at])
-        return self._emit(full[: len(full) - self._held_back(full)])
+                return self._emit(self.decoded[:at])
+        return self._emit(self.decoded[: len(self.decoded) - self._held_back(self.decoded)])
 
     def flush(self) -> str:
         """The rest of the text at the end of generation."""
         if self.stopped:
             return ""
-        return self._emit(self._tok.decode(self.ids))
+        known = self._tok.decode(self.ids[self._prefix : self._read])
+        rest = self._tok.decode(self.ids[self._prefix :])[len(known) :]
+        return self._emit(self.decoded + rest)
 
     def _held_back(self, full: str) -> int:
         """Length of the longest suffix of `full` that is a proper prefix of a stop string."""

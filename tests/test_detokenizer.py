@@ -51,3 +51,23 @@ def test_held_back_text_is_released_when_stop_does_not_complete(tokenizer):
     detok = Detokenizer(tokenizer, stop=["world"])
     shown = "".join(detok.push(i) for i in ids) + detok.flush()
     assert shown == "Hello wonder" and not detok.stopped
+
+
+def test_incremental_text_equals_one_decode_and_each_step_decodes_a_short_window(tokenizer):
+    """Random ids (special tokens, byte fragments, spaces) give exactly the text one decode of
+    all of them gives, and no step decodes more than a few ids: O(new text), not O(everything)."""
+    import random
+
+    rng = random.Random(0)
+    vocab = tokenizer._tok.get_vocab_size()
+    ids = [rng.randrange(vocab) for _ in range(400)]
+    widths = []
+    decode = tokenizer.decode
+    tokenizer.decode = lambda part, **kw: widths.append(len(part)) or decode(part, **kw)
+    try:
+        detok = Detokenizer(tokenizer)
+        text = "".join(detok.push(i) for i in ids) + detok.flush()
+    finally:
+        del tokenizer.decode  # back to the class's method
+    assert text == decode(ids)
+    assert max(widths) <= 16 and sum(widths) < 8 * len(ids)

@@ -65,3 +65,46 @@ def test_stop_string_cuts_output(tiny_artifact):
     assert stop and full.find(stop) < len(full)
     cut = gen.generate("Hello", max_new_tokens=24, ignore_eos=True, stop=[stop])
     assert cut == full[: full.find(stop)]
+
+
+def test_step_events_carry_text_deltas_finish_reasons_and_usage(tiny_artifact):
+    """The token loop's events: text deltas that add up to generate()'s text, and a last event
+    saying why the sequence ended ("length", "stop", "eos") with its token counts."""
+    gen = rt.load(tiny_artifact("llama"))
+    prompt_tokens = len(gen.encode("Hello"))
+    events = list(gen.events("Hello", max_new_tokens=10, ignore_eos=True))
+    assert len(events) == 10 and all(e.finish_reason is None for e in events[:-1])
+    last = events[-1]
+    assert last.finish_reason == "length"
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (prompt_tokens, 10)
+    assert "".join(e.text for e in events) == gen.generate(
+        "Hello", max_new_tokens=10, ignore_eos=True
+    )
+    full = "".join(e.text for e in events)
+    stop = full[4:7]
+    cut = list(gen.events("Hello", max_new_tokens=10, ignore_eos=True, stop=[stop]))
+    assert (
+        cut[-1].finish_reason == "stop" and "".join(e.text for e in cut) == full[: full.find(stop)]
+    )
+    gen.tokenizer.eos_token_ids = [events[2].token]  # the third token now ends the sequence
+    ended = list(gen.events("Hello", max_new_tokens=10))
+    assert ended[-1].finish_reason == "eos" and ended[-1].usage.completion_tokens == 3
+    # the context ends a sequence too: "length", with what fitted
+    short = rt.load(tiny_artifact("llama", max_context=24))
+    capped = list(short.events("Hello", max_new_tokens=100, ignore_eos=True))
+    assert capped[-1].finish_reason == "length" and len(capped) == 24 - prompt_tokens
+
+
+def test_batch_events_finish_rows_independently(tiny_artifact):
+    gen = rt.load(tiny_artifact("llama"))
+    alone = [list(gen.events(p, max_new_tokens=8, ignore_eos=True)) for p in ("Hello", "Paris")]
+    stop = "".join(e.text for e in alone[0])[2:5]  # the first row stops early
+    steps = list(
+        gen.events_batch(["Hello", "Paris"], max_new_tokens=8, ignore_eos=True, stop=[stop])
+    )
+    first = [s[0] for s in steps if s[0] is not None]
+    second = [s[1] for s in steps]
+    assert first[-1].finish_reason == "stop" and len(first) < 8
+    assert all(s[0] is None for s in steps[len(first) :])
+    assert [e.token for e in second] == [e.token for e in alone[1]]
+    assert second[-1].finish_reason == "length" and second[-1].usage.completion_tokens == 8
