@@ -10,7 +10,7 @@ from llmc.errors import ArtifactError
 def reverify(directory: Path, tolerance: float | None = None):
     from llmc.artifact import read_manifest
     from llmc.compiler import sources
-    from llmc.compiler.verify import EagerReference, default_tolerance, verify, verify_prompts
+    from llmc.compiler.verify import default_tolerance, verify_artifact
     from llmc.targets import get
 
     manifest = read_manifest(directory)
@@ -27,8 +27,10 @@ def reverify(directory: Path, tolerance: float | None = None):
             f"the source model {recorded['ref']} has changed since {directory} was built; "
             "rebuild the artifact."
         )
-    session = get(manifest["target"]["name"]).session_class().open(directory, manifest, exact=True)
+    session_class = get(manifest["target"]["name"]).session_class()
     tol = tolerance or manifest["verification"].get("tolerance") or default_tolerance(source.kind)
     steps = manifest["verification"].get("decode_steps", 8)
-    prompts = verify_prompts(loaded.tokenizer, session.max_context, steps)
-    return verify(EagerReference(loaded.model), session, prompts, tol, decode_steps=steps)
+    found = verify_artifact(
+        session_class, directory, manifest, loaded.model, loaded.tokenizer, tol, steps
+    )
+    return found.exact

@@ -56,16 +56,14 @@ class TargetInfo:
     def options_class(self) -> type:
         return getattr(importlib.import_module(self.module), "Options", TargetOptions)
 
+    def option_names(self) -> set[str]:
+        return {f.name for f in dataclasses.fields(self.options_class())}
+
     def options(self, config) -> TargetOptions:
         """This target's typed options from a BuildConfig; a flag it does not take is refused."""
-        taken = {f.name for f in dataclasses.fields(self.options_class())}
         given = {k: v for k in TARGET_FLAGS if (v := getattr(config, k, None)) is not None}
-        for flag in sorted(given.keys() - taken):
-            owners = [
-                t.name
-                for t in TARGETS.values()
-                if t.ready and flag in {f.name for f in dataclasses.fields(t.options_class())}
-            ]
+        for flag in sorted(given.keys() - self.option_names()):
+            owners = [t.name for t in TARGETS.values() if t.ready and flag in t.option_names()]
             raise TargetError(
                 f"--{flag} applies to --target {' or '.join(owners)}, not {self.name}."
             )
