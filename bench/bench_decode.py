@@ -55,8 +55,8 @@ def run_llmc(artifact: str, threads: int, runs: int, hint: str | None, exact: bo
             tokens.append(int(step[0]))
         return start, stamps, tokens
 
-    precision = getattr(gen.session, "precision", "f32")  # OpenVINO's compute precision
-    kernels = gen.session.fast_kernels or ("exact" if precision == "f32" else precision)
+    precision = getattr(gen.model, "precision", "f32")  # OpenVINO's compute precision
+    kernels = gen.model.fast_kernels or ("exact" if precision == "f32" else precision)
     return {**_measure(timed, ids, long_ids, runs), "kernels": kernels}
 
 

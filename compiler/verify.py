@@ -186,24 +186,24 @@ class BuildVerification:
 
 
 def verify_artifact(
-    session_class, directory, manifest: dict, model, tokenizer, tolerance: float, steps: int,
+    model_class, directory, manifest: dict, model, tokenizer, tolerance: float, steps: int,
     graph=None,
 ) -> BuildVerification:  # fmt: skip
     """Verify the artifact in `directory`. fp32 (`graph` None): its exact session against
     PyTorch eager, at f32 even when the artifact asks for bf16 at run time. Quantized: against
     its own graph run in PyTorch (the same dequantized weights), so the check is of the lowering
     and perplexity (`--eval`) measures the quantization."""
-    exact = session_class.open(directory, manifest, exact=True)
+    exact = model_class.open(directory, manifest, exact=True).sequence()
     prompts = verify_prompts(tokenizer, exact.max_context, steps)
     if graph is None:
         return BuildVerification(verify(EagerReference(model), exact, prompts, tolerance, steps))
     capacity = max(2, max(len(p) for p in prompts) + steps + 1)
     result = verify(GraphReference(graph, capacity), exact, prompts, tolerance, steps)
     del exact
-    fast = session_class.open(directory, manifest)
-    if not fast.fast_kernels:  # the default session is the exact one
+    fast = model_class.open(directory, manifest)
+    if not fast.fast_kernels:  # the default model is the exact one
         return BuildVerification(result)
-    decode = verify(GraphReference(graph, capacity), fast, prompts, tolerance, steps)
+    decode = verify(GraphReference(graph, capacity), fast.sequence(), prompts, tolerance, steps)
     record = {
         "kernels": fast.fast_kernels,
         "max_abs_diff": decode.max_abs_diff,

@@ -38,7 +38,8 @@ class BuildResult:
 
 
 def output_path(config: BuildConfig, source_name: str) -> Path:
-    return config.out or DEFAULT_ARTIFACTS / f"{source_name}-{config.target}"
+    draft = f"-draft{config.draft_layers}" if config.draft_layers else ""
+    return config.out or DEFAULT_ARTIFACTS / f"{source_name}-{config.target}{draft}"
 
 
 def _check_destination(path: Path) -> None:
@@ -70,6 +71,12 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
 
     with progress.stage(f"load {source.kind} model {source.ref}"):
         loaded = sources.load(source)
+    draft = None
+    if config.draft_layers:
+        from llmc.compiler.draft import keep_first_layers
+
+        draft = keep_first_layers(loaded.model, config.draft_layers)
+        progress.note(f"draft: the first {draft['layers']} of {draft['of']} layers")
     graph = _trace(config, loaded, passes, ctx, progress)
     calibration = None
     if quant is not None and quant.calibrated:
@@ -95,6 +102,8 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
             emitted = target.emit(graph, tmp, options)
         loaded.tokenizer.save_pretrained(tmp)
         manifest = assemble(config, source, graph, emitted, reports, loaded, calibration)
+        if draft:
+            manifest["source"]["draft"] = draft
         files = write_manifest(tmp, manifest)  # the session reads it during verification
         if config.verify:
             manifest["verification"] = _verify(config, source, loaded, target, tmp, graph, progress)
@@ -102,9 +111,8 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
             from llmc.evaluate import describe, evaluate_build, quality_gate
 
             with progress.stage(f"perplexity on {Path(config.eval_file).name}"):
-                session_class = target.session_class()
                 evaluation = evaluate_build(
-                    session_class, tmp, manifest, config, loaded.model, loaded.tokenizer
+                    target.model_class(), tmp, manifest, config, loaded.model, loaded.tokenizer
                 )
             manifest["evaluation"] = evaluation
             progress.note(describe(evaluation))
@@ -146,7 +154,7 @@ def _verify(config, source, loaded, target, directory: Path, graph, progress) ->
     what = "the quantized graph in PyTorch" if quantized else "PyTorch eager"
     with progress.stage(f"verify against {what}"):
         found = verify_artifact(
-            target.session_class(),
+            target.model_class(),
             directory,
             read_manifest(directory, check_files=False),
             loaded.model,

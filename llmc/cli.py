@@ -142,6 +142,14 @@ class _RichProgress:
     help="Largest sequence the artifact accepts (default: the model's).",
 )
 @click.option(
+    "--draft-layers",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Build a draft for speculative decoding: the model's first N layers with its final "
+    "norm and lm_head (default out: artifacts/<model>-<target>-draftN). Use it with "
+    "`llmc run ART PROMPT --draft DIR`.",
+)
+@click.option(
     "--precision",
     type=click.Choice(["f32", "bf16"]),
     help="OpenVINO only: the compute precision the artifact runs at [default: f32, exact; bf16 "

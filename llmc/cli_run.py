@@ -45,6 +45,20 @@ EXACT = click.option(
 @click.option(
     "--threads", type=click.IntRange(min=1), help="Intra-op threads (default: all cores)."
 )
+@click.option(
+    "--draft",
+    metavar="prompt-lookup|DIR",
+    help="Speculative decoding: draft tokens by n-gram lookup in the prompt and text so far, or "
+    "with a draft artifact of the same tokenizer (e.g. `llmc build --draft-layers N`). Greedy "
+    "output is unchanged; sampled output keeps its distribution.",
+)
+@click.option(
+    "--num-draft",
+    type=click.IntRange(min=1),
+    help="Most tokens drafted per step (adapted to the acceptance rate) [default: 10 for "
+    "prompt-lookup, 4 for a draft artifact].",
+)
+@click.option("--stats", is_flag=True, help="Print token counts and draft acceptance to stderr.")
 @EXACT
 def run(
     artifact,
@@ -58,13 +72,20 @@ def run(
     seed,
     stop,
     threads,
+    draft,
+    num_draft,
+    stats,
     exact,
 ):
     """Generate text from PROMPT with ARTIFACT, streaming it to stdout."""
     import llmc.runtime as rt
 
+    if num_draft is not None and draft is None:
+        raise click.UsageError("--num-draft needs --draft prompt-lookup or --draft DIR.")
     gen = rt.load(artifact, threads=threads, exact=exact)
-    for piece in gen.stream(
+    if draft is not None and draft != "prompt-lookup":
+        draft = rt.load(draft, threads=threads, exact=exact)
+    for event in gen.events(
         prompt,
         chat=chat,
         max_new_tokens=max_new_tokens,
@@ -74,10 +95,21 @@ def run(
         repetition_penalty=repetition_penalty,
         seed=seed,
         stop=stop,
+        draft=draft,
+        num_draft=num_draft,
     ):
-        sys.stdout.write(piece)
+        sys.stdout.write(event.text)
         sys.stdout.flush()
+        usage = event.usage
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats:
+        rate = f"{usage.accepted}/{usage.drafted} drafted tokens accepted, " if draft else ""
+        click.echo(
+            f"{usage.prompt_tokens} prompt + {usage.completion_tokens} new tokens in "
+            f"{usage.steps + 1} model steps; {rate}finish: {event.finish_reason}",
+            err=True,
+        )
 
 
 @click.command("eval")

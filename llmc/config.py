@@ -19,6 +19,7 @@ class BuildConfig:
     passes: str | None = None  # e.g. "-eliminate_dead_code"
     tolerance: float | None = None  # None: 1e-4 for tiny models, 1e-3 otherwise
     max_context: int | None = None  # None: the model's own
+    draft_layers: int | None = None  # a self-speculative draft: the first N decoder layers
     decode_steps: int = 8
     precision: str | None = None  # OpenVINO compute precision at run time: "f32" (default) | "bf16"
     # quantization (passes/quantize_weights.py); None: fp32
@@ -44,6 +45,7 @@ class BuildConfig:
             "verify": self.verify,
             "passes": self.passes or "all",
             "max_context": self.max_context or "model's",
+            **({"draft_layers": self.draft_layers} if self.draft_layers else {}),
             **({"quant": self.quant} if self.quant else {}),
             **({"precision": self.precision} if self.precision else {}),
             **({"eval": str(self.eval_file)} if self.eval_file else {}),

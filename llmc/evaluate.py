@@ -76,7 +76,7 @@ def evaluate_artifact(
 
     gen = rt.load(directory, threads=threads, exact=exact)
     encode = gen.tokenizer.encode
-    return evaluate_session(gen.session, encode, path, **kwargs)
+    return evaluate_session(gen.model.sequence(), encode, path, **kwargs)
 
 
 class TorchScorer:
@@ -94,7 +94,7 @@ class TorchScorer:
 
 
 # -- llmc build --eval and its quality gate ---------------------------------------------------
-def evaluate_build(session_class, directory: Path, manifest: dict, config, model, tokenizer):
+def evaluate_build(model_class, directory: Path, manifest: dict, config, model, tokenizer):
     """The artifact's perplexity (its default session: what users run, and what the gate
     judges) and the fp32 PyTorch model's, on the same windows; where the default session
     scores text on fast kernels, the exact kernels' perplexity too."""
@@ -108,8 +108,8 @@ def evaluate_build(session_class, directory: Path, manifest: dict, config, model
             session, encode, config.eval_file, max_tokens=tokens, reference=reference
         )
 
-    session = session_class.open(directory, manifest)
-    ours = measure(session, TorchScorer(model))
+    loaded = model_class.open(directory, manifest)
+    ours = measure(loaded.sequence(), TorchScorer(model))
     reference = ours.pop("reference_perplexity")
     entry = {
         **ours,
@@ -117,9 +117,9 @@ def evaluate_build(session_class, directory: Path, manifest: dict, config, model
         "increase": ours["perplexity"] / reference - 1,
         "max_increase": config.max_ppl_increase,
     }
-    if session.fast_prompts:
-        del session
-        exact = measure(session_class.open(directory, manifest, exact=True))["perplexity"]
+    if loaded.fast_prompts:
+        del loaded
+        exact = measure(model_class.open(directory, manifest, exact=True).sequence())["perplexity"]
         entry["exact"] = {"perplexity": exact, "increase": exact / reference - 1}
     return entry
 

@@ -27,10 +27,10 @@ def reverify(directory: Path, tolerance: float | None = None):
             f"the source model {recorded['ref']} has changed since {directory} was built; "
             "rebuild the artifact."
         )
-    session_class = get(manifest["target"]["name"]).session_class()
+    model_class = get(manifest["target"]["name"]).model_class()
     tol = tolerance or manifest["verification"].get("tolerance") or default_tolerance(source.kind)
     steps = manifest["verification"].get("decode_steps", 8)
     found = verify_artifact(
-        session_class, directory, manifest, loaded.model, loaded.tokenizer, tol, steps
+        model_class, directory, manifest, loaded.model, loaded.tokenizer, tol, steps
     )
     return found.exact

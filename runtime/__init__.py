@@ -17,7 +17,8 @@ def load(
     huge_pages: bool = True,
     **session_options,
 ) -> Generator:
-    """Open an artifact: check its manifest and checksums, start its target's session.
+    """Open an artifact: check its manifest and checksums, load its target's model (once: every
+    generation runs on a sequence of its own over the same weights, from any thread).
 
     huge_pages: back the loaded weights with transparent huge pages where Linux allows it
     (faster decode; see runtime/memory.py). session_options go to the target's session, e.g.
@@ -40,12 +41,12 @@ def load(
             f"running a {name} artifact needs {', '.join(missing)}; `{info.install}`."
         )
     _check_toolchain(directory, manifest, info.runtime)
-    session = info.session_class().open(directory, manifest, threads=threads, **session_options)
+    model = info.model_class().open(directory, manifest, threads=threads, **session_options)
     if huge_pages:
         from llmc.runtime.memory import use_huge_pages
 
         use_huge_pages()
-    return Generator(session, Tokenizer(directory, manifest["generation"]), manifest)
+    return Generator(model, Tokenizer(directory, manifest["generation"]), manifest)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

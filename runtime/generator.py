@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from llmc.errors import ContextLengthError, LlmcError
 from llmc.runtime.sampling import Sampler, SamplingParams
-from llmc.runtime.session import Session
+from llmc.runtime.session import Model, Sequence
+from llmc.runtime.speculative import (
+    VERIFY_COST,
+    DraftPolicy,
+    RowStats,
+    StepClock,
+    drafter_for,
+    verify_row,
+)
 from llmc.runtime.tokenizer import Detokenizer, Tokenizer
 
 Prompt = str | list[dict] | list[int]
@@ -25,8 +36,15 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class Usage:
+    """Token counts of one finished sequence. steps: the model's forward passes after the
+    prompt's (one per token without a draft); drafted/accepted: speculative tokens proposed and
+    kept."""
+
     prompt_tokens: int
     completion_tokens: int  # every token sampled, the end-of-sequence token included
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -47,10 +65,28 @@ class StepEvent:
 
 
 class Generator:
-    def __init__(self, session: Session, tokenizer: Tokenizer, manifest: dict):
-        self.session = session
+    """Text generation over one loaded model: every call runs on a sequence of its own (reused
+    from a pool afterwards), so one generator serves many threads on one copy of the weights."""
+
+    def __init__(self, model: Model, tokenizer: Tokenizer, manifest: dict):
+        self.model = model
         self.tokenizer = tokenizer
         self.manifest = manifest
+        self._idle: list[Sequence] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def sequence(self) -> Iterator[Sequence]:
+        """A sequence of this model for one generation, returned to the pool afterwards."""
+        with self._lock:
+            seq = self._idle.pop() if self._idle else None
+        seq = seq or self.model.sequence()
+        try:
+            yield seq
+        finally:
+            seq.reset()
+            with self._lock:
+                self._idle.append(seq)
 
     # -- prompts ---------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
@@ -65,10 +101,10 @@ class Generator:
             ids = self.tokenizer.encode(prompt)
         if not ids:
             raise LlmcError("the prompt is empty; give at least one token of text.")
-        if len(ids) >= self.session.max_context:
+        if len(ids) >= self.model.max_context:
             raise ContextLengthError(
                 f"the prompt is {len(ids)} tokens but the artifact's context is "
-                f"{self.session.max_context}; shorten the prompt."
+                f"{self.model.max_context}; shorten the prompt."
             )
         return ids
 
@@ -76,70 +112,133 @@ class Generator:
     def generate_ids(
         self, prompts: list[list[int]], config: GenerationConfig
     ) -> Iterator[np.ndarray]:
-        """Yield the next token of every row, step by step; rows that finished repeat their pad.
+        """Yield the next token of every row, step by step (no draft); rows that finished
+        repeat their pad. Prompts of different lengths are left-padded and masked."""
+        pad = self.tokenizer.pad_token_id
+        for new in self.token_steps(prompts, config):
+            yield np.array([tokens[0] if tokens else pad for tokens in new], np.int64)
 
-        Prompts of different lengths are left-padded and masked."""
-        batch = len(prompts)
-        width = max(len(p) for p in prompts)
+    def token_steps(
+        self,
+        prompts: list[list[int]],
+        config: GenerationConfig,
+        drafter=None,
+        num_draft: int = 0,
+        stats: list[RowStats] | None = None,
+    ) -> Iterator[list[list[int]]]:
+        """Per model step, the new tokens of every row ([] once it finished): one each, or with
+        a drafter, the accepted drafted tokens and one of the model's (speculative.py)."""
+        batch, width = len(prompts), max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         ids = np.full((batch, width), pad, dtype=np.int64)
         mask = np.zeros((batch, width), dtype=np.int64)
         for row, p in enumerate(prompts):
-            ids[row, width - len(p) :] = p
-            mask[row, width - len(p) :] = 1
-        history = [np.asarray(p, dtype=np.int64) for p in prompts]
+            ids[row, width - len(p) :], mask[row, width - len(p) :] = p, 1
+        rows = _Rows(prompts, config, self._budget(config, width), self.tokenizer)
+        stats = stats if stats is not None else [RowStats() for _ in prompts]
         sampler = Sampler(config.sampling)
-        eos = set() if config.ignore_eos else set(self.tokenizer.eos_token_ids)
-        done = np.zeros(batch, dtype=bool)
-        budget = self._budget(config, width)
-        logits = self.session.prefill(ids, mask)
-        for step in range(budget):
-            nxt = sampler(logits, history)
-            nxt = np.where(done, pad, nxt)
-            yield nxt
-            for row in range(batch):
-                history[row] = np.append(history[row], nxt[row])
-            done |= np.isin(nxt, list(eos))
-            if done.all() or step == budget - 1:
-                return
-            logits = self.session.decode(nxt[:, None])
+        clock = StepClock(VERIFY_COST + drafter.cost) if drafter else None
+        policies = [DraftPolicy(num_draft, clock) for _ in prompts] if drafter else []
+        with self.sequence() as seq:
+            logits = seq.prefill(ids, mask)
+            if drafter:
+                drafter.start(prompts)
+            new = [[int(t)] for t in sampler(logits, rows.history)]
+            while True:
+                yield rows.take(new)
+                if rows.done.all():
+                    return
+                last = np.array([h[-1] for h in rows.history])
+                last[rows.done] = pad
+                room = self.model.max_context - int(seq.lengths.max()) - 1
+                ks = [0 if rows.done[b] else min(p.choose(), rows.left(b) - 1, room)
+                      for b, p in enumerate(policies)]  # fmt: skip
+                started = time.perf_counter()
+                drafts = drafter.propose(rows.history, ks, sampler) if any(ks) else []
+                if not any(len(d.tokens) for d in drafts):
+                    logits = seq.decode(last[:, None])
+                    if clock:
+                        clock.plain(time.perf_counter() - started)
+                    picked = sampler(logits, rows.history).tolist()
+                    new = [[] if d else [t] for d, t in zip(rows.done, picked, strict=True)]
+                    for b in np.flatnonzero(~rows.done):
+                        stats[b].steps += 1
+                    continue
+                block = np.repeat(last[:, None], 1 + max(len(d.tokens) for d in drafts), axis=1)
+                for b, d in enumerate(drafts):
+                    block[b, 1 : 1 + len(d.tokens)] = d.tokens
+                held = seq.lengths
+                logits = seq.extend(block)
+                new, accepted = [], []
+                for b, d in enumerate(drafts):
+                    kept = [] if rows.done[b] else verify_row(
+                        logits[b, : len(d.tokens) + 1], d, rows.history[b], sampler
+                    )  # fmt: skip
+                    accepted.append(max(len(kept) - 1, 0))
+                    new.append(kept)
+                    if kept:
+                        stats[b].steps += 1
+                        stats[b].drafted += len(d.tokens)
+                        stats[b].accepted += accepted[b]
+                        policies[b].update(len(d.tokens), accepted[b])
+                seq.truncate(held + 1 + np.array(accepted))
+                drafter.commit(accepted)
+                k = max(len(d.tokens) for d in drafts)
+                clock.speculative(time.perf_counter() - started, k)
 
     # -- events and text ---------------------------------------------------------------------
     def events(self, prompt: Prompt, chat: bool = False, **kwargs) -> Iterator[StepEvent]:
-        """The step events of one prompt (sampling options as for `generate`)."""
+        """The step events of one prompt (options as for `generate`)."""
         for step in self.events_batch([prompt], chat=chat, **kwargs):
             yield step[0]
 
     def events_batch(
-        self, prompts: list[Prompt], chat: bool = False, **kwargs
+        self,
+        prompts: list[Prompt],
+        chat: bool = False,
+        draft=None,
+        num_draft: int | None = None,
+        **kwargs,
     ) -> Iterator[list[StepEvent | None]]:
-        """Per step, one event per prompt (None once that prompt has finished); every prompt
-        ends with an event that has a finish reason."""
+        """Per token, one event per prompt (None where that prompt has no token: it finished,
+        or a speculative step gave it fewer); every prompt ends with an event that has a finish
+        reason. draft: "prompt-lookup" or a loaded draft generator (speculative decoding, at
+        most `num_draft` tokens drafted per step)."""
         config = _config(**kwargs)
         encoded = [self.encode(p, chat) for p in prompts]
+        drafter, limit = drafter_for(draft, self, num_draft) if draft is not None else (None, 0)
         detoks = [Detokenizer(self.tokenizer, list(config.stop)) for _ in prompts]
         eos = set() if config.ignore_eos else set(self.tokenizer.eos_token_ids)
         budget = self._budget(config, max(len(p) for p in encoded))
+        stats = [RowStats() for _ in prompts]
+        produced = [0] * len(prompts)
         finished = [False] * len(prompts)
-        for step, nxt in enumerate(self.generate_ids(encoded, config)):
-            events: list[StepEvent | None] = [None] * len(prompts)
-            for row, token in enumerate(nxt.tolist()):
-                if finished[row]:
-                    continue
-                detok = detoks[row]
-                if token in eos:
-                    text, reason = detok.flush(), "eos"
-                else:
-                    text = detok.push(token)
-                    reason = "stop" if detok.stopped else None
-                    if reason is None and step == budget - 1:
-                        text, reason = text + detok.flush(), "length"
-                usage = Usage(len(encoded[row]), step + 1) if reason else None
-                events[row] = StepEvent(token, text, reason, usage)
-                finished[row] = reason is not None
-            yield events
-            if all(finished):
-                return
+        for new in self.token_steps(encoded, config, drafter, limit, stats):
+            for i in range(max(len(tokens) for tokens in new)):
+                events: list[StepEvent | None] = [None] * len(prompts)
+                for row, tokens in enumerate(new):
+                    if finished[row] or i >= len(tokens):
+                        continue
+                    token, detok = tokens[i], detoks[row]
+                    produced[row] += 1
+                    if token in eos:
+                        text, reason = detok.flush(), "eos"
+                    else:
+                        text = detok.push(token)
+                        reason = "stop" if detok.stopped else None
+                        if reason is None and produced[row] == budget:
+                            text, reason = text + detok.flush(), "length"
+                    usage = None
+                    if reason:
+                        s = stats[row]
+                        usage = Usage(
+                            len(encoded[row]), produced[row], s.steps, s.drafted, s.accepted
+                        )
+                    events[row] = StepEvent(token, text, reason, usage)
+                    finished[row] = reason is not None
+                yield events
+                if all(finished):
+                    return
 
     def stream(self, prompt: Prompt, chat: bool = False, **kwargs) -> Iterator[str]:
         """Yield text pieces as they are generated (UTF-8 safe, stop strings never shown)."""
@@ -160,7 +259,37 @@ class Generator:
 
     def _budget(self, config: GenerationConfig, width: int) -> int:
         """New tokens a batch whose longest prompt has `width` tokens gets."""
-        return min(config.max_new_tokens, self.session.max_context - width)
+        return min(config.max_new_tokens, self.model.max_context - width)
+
+
+class _Rows:
+    """Each row's tokens so far and whether it finished (end-of-sequence or its budget)."""
+
+    def __init__(self, prompts: list[list[int]], config: GenerationConfig, budget: int, tok):
+        self.history = [np.asarray(p, dtype=np.int64) for p in prompts]
+        self.produced = np.zeros(len(prompts), np.int64)
+        self.done = np.zeros(len(prompts), bool)
+        self.budget = budget
+        self.eos = set() if config.ignore_eos else set(tok.eos_token_ids)
+
+    def left(self, row: int) -> int:
+        return self.budget - int(self.produced[row])
+
+    def take(self, new: list[list[int]]) -> list[list[int]]:
+        """Keep each row's new tokens up to an end-of-sequence token and its budget."""
+        kept = []
+        for b, tokens in enumerate(new):
+            tokens = [] if self.done[b] else tokens[: self.left(b)]
+            for i, token in enumerate(tokens):
+                if token in self.eos:
+                    tokens = tokens[: i + 1]
+                    self.done[b] = True
+                    break
+            self.history[b] = np.concatenate([self.history[b], np.asarray(tokens, np.int64)])
+            self.produced[b] += len(tokens)
+            self.done[b] |= self.produced[b] >= self.budget
+            kept.append(tokens)
+        return kept
 
 
 def _config(

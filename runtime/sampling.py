@@ -60,16 +60,31 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
+        self.greedy = params.temperature == 0
         self._rng = np.random.default_rng(params.seed)
 
     def __call__(self, logits: np.ndarray, history: list[np.ndarray]) -> np.ndarray:
         """logits [B, V], history: per row the ids seen so far -> next ids [B]."""
         out = np.empty(logits.shape[0], dtype=np.int64)
         for row, (row_logits, seen) in enumerate(zip(logits, history, strict=False)):
-            row_logits = apply_repetition_penalty(row_logits, seen, self.params.repetition_penalty)
-            if self.params.temperature == 0:
-                out[row] = int(np.argmax(row_logits))
-            else:
-                p = probabilities(row_logits, self.params)
-                out[row] = int(self._rng.choice(p.size, p=p))
+            out[row] = self.pick(row_logits, seen)
         return out
+
+    def pick(self, logits: np.ndarray, seen: np.ndarray) -> int:
+        """The next id of one row: logits [V], seen [N]."""
+        if self.greedy:
+            return int(
+                np.argmax(apply_repetition_penalty(logits, seen, self.params.repetition_penalty))
+            )
+        return self.draw(self.distribution(logits, seen))
+
+    def distribution(self, logits: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """What sampling draws one row's next id from [V] (not for greedy)."""
+        logits = apply_repetition_penalty(logits, seen, self.params.repetition_penalty)
+        return probabilities(logits, self.params)
+
+    def draw(self, p: np.ndarray) -> int:
+        return int(self._rng.choice(p.size, p=p))
+
+    def uniform(self) -> float:
+        return float(self._rng.random())

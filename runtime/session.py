@@ -1,5 +1,6 @@
-"""The Session base class every target's runtime session derives from, its typed options, and
-shared position/mask bookkeeping (numpy only; never torch)."""
+"""The runtime protocol every target implements: a `Model` (one loaded artifact, shared) and
+its `Sequence`s (a batch of rows with its own KV cache: prefill, extend, truncate, decode,
+score), the typed options, and shared position/mask bookkeeping (numpy only; never torch)."""
 
 from __future__ import annotations
 
@@ -28,16 +29,15 @@ class SessionOptions:
     exact: bool = False
 
 
-class Session(ABC):
-    """One batch of sequences on one loaded artifact: prefill a prompt batch, then decode one
-    token per row at a time, or score one sequence. numpy in, numpy out.
+class Model(ABC):
+    """One loaded artifact: its weights and compiled sessions, loaded once and read-only, so
+    one model is safe to share between threads. Its `sequence()`s hold what changes (KV cache,
+    positions, bindings): any number of them run on one copy of the weights.
 
-    The public methods check what a caller passes and raise SessionError (an LlmcError: the CLI
-    exits 2 with its sentence) for misuse; a target implements the underscored ones.
-
-    fast_kernels: what the default session computes differently from the exact one (None: the
+    fast_kernels: what the default model computes differently from the exact one (None: the
         same kernels); the build measures and records its distance. fast_prompts: whether
-        prompts and scoring run on those kernels too (else only decode steps do)."""
+        prompts and scoring run on those kernels too (else only decode and short extend steps
+        do)."""
 
     Options: ClassVar[type[SessionOptions]] = SessionOptions
     fast_kernels: str | None = None
@@ -49,11 +49,10 @@ class Session(ABC):
         self.io = IOContract.from_manifest(manifest)
         self.max_context = self.io.max_context
         self.vocab_size = int(manifest["model"]["vocab_size"])
-        self._rows: int | None = None  # rows of the live batch (None: nothing prefilled)
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, manifest: dict, **options) -> Session:
-        """A session with options by keyword, each checked against this target's Options."""
+    def open(cls, directory: str | os.PathLike, manifest: dict, **options) -> Model:
+        """A model with options by keyword, each checked against this target's Options."""
         names = [f.name for f in dataclasses.fields(cls.Options)]
         unknown = sorted(set(options) - set(names))
         if unknown:
@@ -63,9 +62,33 @@ class Session(ABC):
             )
         return cls(directory, manifest, cls.Options(**options))
 
+    @abstractmethod
+    def sequence(self) -> Sequence:
+        """A new, empty sequence (batch of rows) on this model."""
+
+
+class Sequence(ABC):
+    """One batch of rows on a loaded model, with its own KV cache: prefill a prompt batch, then
+    extend every row by S tokens (S = 1: a decode step), roll rows back with `truncate`, or score
+    one row. numpy in, numpy out.
+
+    The public methods check what a caller passes and raise SessionError (an LlmcError: the CLI
+    exits 2 with its sentence) for misuse; a target implements the underscored ones."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.max_context = model.max_context
+        self.vocab_size = model.vocab_size
+        self._rows: int | None = None  # rows of the live batch (None: nothing prefilled)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens in each row's cache [B] (empty before a prefill)."""
+        return np.zeros(0, np.int64) if self._rows is None else self._lengths()
+
     # -- the protocol ------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget the live sequences (the next call must be prefill or score)."""
+        """Forget the live rows (the next call must be prefill or score)."""
         self._rows = None
         self._reset()
 
@@ -74,21 +97,40 @@ class Session(ABC):
         ids = self._check_ids(ids)
         mask = None if attention_mask is None else self._check_mask(attention_mask, ids)
         self.reset()
-        logits = self._prefill(ids, mask)
+        logits = self._extend(ids, mask, last_only=True)[:, -1]
         self._rows = ids.shape[0]
         return logits
 
     def decode(self, ids) -> np.ndarray:
         """ids [B, 1], one new token per row of the prefilled batch -> logits [B, V]."""
-        if self._rows is None:
-            raise SessionError("decode() needs a prefill() first: there is no sequence to extend.")
-        ids = self._check_ids(ids)
-        if ids.shape != (self._rows, 1):
+        ids = self._check_live(ids, "decode")
+        if ids.shape[1] != 1:
             raise SessionError(
                 f"decode() takes one token per row, ids of shape ({self._rows}, 1); got "
                 f"{ids.shape}."
             )
-        return self._decode(ids)
+        return self._extend(ids, None, last_only=True)[:, -1]
+
+    def extend(self, ids) -> np.ndarray:
+        """ids [B, S]: S new tokens for every row of the live batch -> logits of each [B, S, V].
+        Short S runs on the decode kernels (verifying drafted tokens), long S as a prefill."""
+        ids = self._check_live(ids, "extend")
+        check_context(int(self._lengths().max()) + ids.shape[1], self.max_context)
+        return self._extend(ids, None, last_only=False)
+
+    def truncate(self, lengths) -> None:
+        """Roll each row's cache back to its first `lengths[b]` tokens (a rejected draft)."""
+        if self._rows is None:
+            raise SessionError("truncate() needs a prefill() first: there is nothing to cut.")
+        held = self._lengths()
+        lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        if lengths.shape != held.shape or (lengths < 1).any() or (lengths > held).any():
+            raise SessionError(
+                f"truncate() takes one length per row, from 1 to what the row holds "
+                f"({held.tolist()}); got {lengths.tolist()}."
+            )
+        if (lengths < held).any():
+            self._truncate(lengths)
 
     def score(self, ids) -> np.ndarray:
         """ids [S] of one sequence, on a fresh cache -> logits at every position [S, V]
@@ -96,9 +138,9 @@ class Session(ABC):
         row = np.asarray(ids)
         if row.ndim != 1:
             raise SessionError(f"score() takes one sequence of token ids [S]; got {row.shape}.")
-        row = self._check_ids(row[None])[0]
+        row = self._check_ids(row[None])
         self.reset()
-        logits = self._score(row)
+        logits = self._extend(row, None, last_only=False)[0]
         self._rows = 1
         return logits
 
@@ -106,15 +148,28 @@ class Session(ABC):
     def _reset(self) -> None: ...
 
     @abstractmethod
-    def _prefill(self, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray: ...
+    def _extend(self, ids: np.ndarray, mask: np.ndarray | None, last_only: bool) -> np.ndarray:
+        """ids [B, S] after what the cache holds (nothing after a reset: a prefill, with `mask`
+        marking left padding) -> logits [B, 1 if last_only else S, V]."""
 
     @abstractmethod
-    def _decode(self, ids: np.ndarray) -> np.ndarray: ...
+    def _truncate(self, lengths: np.ndarray) -> None: ...
 
     @abstractmethod
-    def _score(self, ids: np.ndarray) -> np.ndarray: ...
+    def _lengths(self) -> np.ndarray: ...
 
     # -- input checks ------------------------------------------------------------------------
+    def _check_live(self, ids, call: str) -> np.ndarray:
+        if self._rows is None:
+            raise SessionError(f"{call}() needs a prefill() first: there is no sequence to extend.")
+        ids = self._check_ids(ids)
+        if ids.shape[0] != self._rows:
+            raise SessionError(
+                f"{call}() takes tokens for each of the {self._rows} rows; got ids of shape "
+                f"{ids.shape}."
+            )
+        return ids
+
     def _check_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
         if ids.ndim != 2 or 0 in ids.shape:
@@ -168,8 +223,29 @@ class PositionTracker:
     def extend(self, new_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Append the new tokens' mask; return (full mask [B, T], new positions [B, S])."""
         new_mask = new_mask.astype(np.int64)
-        check_context(self.length + new_mask.shape[1], self.max_context)
+        held = 0 if self.mask is None else int(self.lengths.max())
+        check_context(held + new_mask.shape[1], self.max_context)
         self.mask = new_mask if self.mask is None else np.concatenate([self.mask, new_mask], 1)
         positions = np.cumsum(self.mask, axis=1) - 1
         positions = np.where(self.mask == 0, 1, positions)  # padding: any valid position
         return self.mask, positions[:, -new_mask.shape[1] :]
+
+    def truncate(self, lengths: np.ndarray, drop: bool = True) -> int:
+        """Keep each row's first `lengths[b]` tokens: later ones are masked out and, with
+        `drop`, the trailing columns no row keeps are cut. Returns the columns left (the caches
+        keep that many)."""
+        counts = np.cumsum(self.mask, axis=1)
+        keep = (self.mask == 1) & (counts <= lengths[:, None])
+        cut = int(np.flatnonzero(keep.any(axis=0))[-1]) + 1 if drop else keep.shape[1]
+        self.mask = keep[:, :cut].astype(np.int64)
+        return cut
+
+    def compact(self) -> np.ndarray:
+        """Drop the columns no row keeps; returns the indices of those left."""
+        columns = np.flatnonzero(self.mask.any(axis=0))
+        self.mask = self.mask[:, columns]
+        return columns
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.mask.sum(axis=1)

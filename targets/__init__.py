@@ -69,8 +69,9 @@ class TargetInfo:
             )
         return self.options_class()(**given)
 
-    def session_class(self):
-        return importlib.import_module(f"{self.module}.session").Session
+    def model_class(self):
+        """The runtime Model class of the target (runtime/session.py's protocol)."""
+        return importlib.import_module(f"{self.module}.session").Model
 
 
 TARGETS: dict[str, TargetInfo] = {

@@ -17,6 +17,7 @@ from llmc.errors import ContextLengthError, SessionError
 from llmc.evaluate import TorchScorer, evaluate_session
 from llmc.targets import TARGETS
 from tests.conftest import TINY_ARCHS
+from tests.test_speculative import IDS, check_extend_and_truncate, check_speculative_greedy
 from tests.test_tiny_end_to_end import PROMPT, check_batch_equals_rows, hf_greedy
 
 DATA = "../shared/data/tinyshakespeare-dev.txt"
@@ -53,14 +54,14 @@ def _perplexities(gen, model, tokenizer) -> tuple[float, float]:
         return tokenizer(text)["input_ids"]
 
     result = evaluate_session(
-        gen.session, encode, DATA, max_tokens=PPL_TOKENS, reference=TorchScorer(model)
+        gen.model.sequence(), encode, DATA, max_tokens=PPL_TOKENS, reference=TorchScorer(model)
     )
     return result["perplexity"], result["reference_perplexity"]
 
 
 @pytest.mark.parametrize(("target", "mode", "passes"), VARIANTS)
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_fp32_family(arch, target, mode, passes, tiny_artifact, tiny_model):
+def test_fp32_family(arch, target, mode, passes, tiny_artifact, tiny_model, monkeypatch):
     path = _build(tiny_artifact, arch, target, passes)
     m = read_manifest(path)
     _check_mode(m, mode)
@@ -73,13 +74,19 @@ def test_fp32_family(arch, target, mode, passes, tiny_artifact, tiny_model):
     ours = [int(t[0]) for t in gen.generate_ids([ids], rt.GenerationConfig(32, ignore_eos=True))]
     assert ours == hf_greedy(model, ids, 32)
     # an independent check: a prefill and 4 decode steps against one full eager forward
-    got = [gen.session.prefill(np.array([ids]))]
+    seq = gen.model.sequence()
+    got = [seq.prefill(np.array([ids]))]
     extra = [5, 17, 42, 99]
-    got += [gen.session.decode(np.array([[t]])) for t in extra]
+    got += [seq.decode(np.array([[t]])) for t in extra]
     with torch.no_grad():
         full = model(torch.tensor([ids + extra])).logits[0].numpy()
     assert np.abs(np.concatenate(got) - full[len(ids) - 1 :]).max() <= 1e-4
     check_batch_equals_rows(gen)
+    # multi-token steps and rollback, and speculative greedy decoding on them
+    check_extend_and_truncate(gen, ids)
+    usage = check_speculative_greedy(gen, ids, None, monkeypatch)  # drafts partly wrong
+    assert 0 < usage.accepted < usage.drafted
+    assert check_speculative_greedy(gen, ids, gen, monkeypatch).accepted > 0  # its own draft
     ours, reference = _perplexities(gen, model, tokenizer)
     assert abs(ours / reference - 1) <= 1e-5
 
@@ -87,7 +94,9 @@ def test_fp32_family(arch, target, mode, passes, tiny_artifact, tiny_model):
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 @pytest.mark.parametrize(("target", "mode", "passes"), VARIANTS)
 @pytest.mark.parametrize("arch", QUANT_FAMILIES)
-def test_quantized_family(arch, target, mode, passes, quant, tiny_artifact, tiny_model):
+def test_quantized_family(
+    arch, target, mode, passes, quant, tiny_artifact, tiny_model, monkeypatch
+):
     """Verified against its own graph in PyTorch (the lowering is exact); the default session,
     fast kernels included, keeps rows independent and perplexity near fp32's."""
     path = _build(tiny_artifact, arch, target, passes, quant=quant)
@@ -100,6 +109,12 @@ def test_quantized_family(arch, target, mode, passes, quant, tiny_artifact, tiny
     model, tokenizer = tiny_model(arch)
     gen = rt.load(path)
     check_batch_equals_rows(gen)
+    # speculative greedy: identical on the exact kernels; on the fast ones (top logits rescored
+    # at every drafted position), identical up to the first near-tie
+    usage = check_speculative_greedy(rt.load(path, exact=True), IDS, None, monkeypatch)
+    assert 0 < usage.accepted < usage.drafted
+    if gen.model.fast_kernels:
+        check_speculative_greedy(gen, IDS, None, monkeypatch, near_tie=5e-3)
     ours, reference = _perplexities(gen, model, tokenizer)
     # random tiny weights: int8 loses almost nothing, round-to-nearest int4 a little more
     assert ours / reference - 1 <= (0.01 if quant == "int8" else 0.05)
@@ -110,7 +125,7 @@ def test_clear_errors_for_bad_use(target, mode, passes, tiny_artifact):
     """Misuse a caller can reach is a SessionError (the CLI's exit 2 with its sentence), never
     a back end's own exception."""
     path = _build(tiny_artifact, "llama", target, passes)
-    session = rt.load(path).session
+    session = rt.load(path).model.sequence()
     vocab = session.vocab_size
     session.reset()
     with pytest.raises(SessionError, match="needs a prefill"):
@@ -126,15 +141,17 @@ def test_clear_errors_for_bad_use(target, mode, passes, tiny_artifact):
     with pytest.raises(SessionError, match="at least one unmasked token"):
         session.prefill(np.array([[1, 2], [3, 4]]), np.array([[1, 1], [0, 0]]))
     session.prefill(np.array([[1, 2], [3, 4]]))
-    with pytest.raises(SessionError, match=r"one token per row, ids of shape \(2, 1\)"):
+    with pytest.raises(SessionError, match=r"tokens for each of the 2 rows; got .*\(1, 1\)"):
         session.decode(np.array([[1]]))
+    with pytest.raises(SessionError, match=r"one token per row, ids of shape \(2, 1\)"):
+        session.decode(np.array([[1, 2], [3, 4]]))
     with pytest.raises(SessionError, match="one sequence of token ids"):
         session.score(np.array([[1, 2]]))
     with pytest.raises(SessionError, match="unknown session option colour"):
         rt.load(path, colour="blue")
     gen = rt.load(path)
-    too_long = "word " * (gen.session.max_context + 8)
+    too_long = "word " * (gen.model.max_context + 8)
     with pytest.raises(ContextLengthError, match="shorten the prompt"):
         gen.generate(too_long, max_new_tokens=4)
     # after all that, the session still works
-    assert gen.session.prefill(np.array([[1, 2, 3]])).shape == (1, vocab)
+    assert session.prefill(np.array([[1, 2, 3]])).shape == (1, vocab)

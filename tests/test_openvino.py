@@ -49,10 +49,10 @@ def test_tiny_architecture_is_stateful_and_fused(arch, ov_artifact, tiny_model):
     if arch == "llama":  # v into [B, H, S, D] and the output back, per layer: no q/k round trip
         from llmc.targets.openvino.emit import runtime_ops
 
-        assert runtime_ops(gen.session.compiled)["Transpose"] == 2 * 2
-    names = {p.get_any_name() for p in gen.session.compiled.inputs}
+        assert runtime_ops(gen.model.compiled)["Transpose"] == 2 * 2
+    names = {p.get_any_name() for p in gen.model.compiled.inputs}
     assert names == {"input_ids", "position_ids", "attention_mask", "logits_index", "beam_idx"}
-    assert [p.get_any_name() for p in gen.session.compiled.outputs] == ["logits"]
+    assert [p.get_any_name() for p in gen.model.compiled.outputs] == ["logits"]
 
 
 def test_batched_left_padded_rows_and_a_reset_state(ov_artifact):
@@ -64,8 +64,9 @@ def test_static_decode_model_computes_the_dynamic_models_logits(ov_artifact):
     import numpy as np
 
     path = ov_artifact("qwen2")
-    static, dynamic = (rt.load(path, static_decode=s).session for s in (True, False))
-    assert static.static_decode and not static._decoders.keys() - {1}  # batch 1 compiled at load
+    models = [rt.load(path, static_decode=s).model for s in (True, False)]
+    assert models[0].static_decode and not models[0]._decoders.keys() - {1}  # batch 1 at load
+    static, dynamic = (m.sequence() for m in models)
     rows = np.array([[5, 9, 2, 7], [3, 3, 8, 1]])
     mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1]])  # a left-padded row
     for session in (static, dynamic):
@@ -83,9 +84,9 @@ def test_static_decode_model_computes_the_dynamic_models_logits(ov_artifact):
 def test_precision_is_exact_by_default_and_bf16_only_when_asked(tmp_path, ov_artifact):
     from llmc.targets.openvino.session import EXACT, unpinned
 
-    session = rt.load(ov_artifact("llama")).session
-    assert session.fast_kernels is None  # an fp32 artifact has no faster kernels to choose
-    for compiled in (session.compiled, session._decoders[1].get_compiled_model()):
+    model = rt.load(ov_artifact("llama")).model
+    assert model.fast_kernels is None  # an fp32 artifact has no faster kernels to choose
+    for compiled in (model.compiled, model._decoders[1]):
         # every numeric property as pinned, whatever this CPU would pick by itself
         assert unpinned(compiled, EXACT) == []
         assert compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 0
@@ -94,7 +95,7 @@ def test_precision_is_exact_by_default_and_bf16_only_when_asked(tmp_path, ov_art
     out = _build(tmp_path / "bf16", "--precision", "bf16")
     m = read_manifest(out)
     assert m["target"]["precision"] == "bf16" and m["verification"]["passed"]  # verified at f32
-    bf16 = rt.load(out).session
+    bf16 = rt.load(out).model
     assert bf16.precision == "bf16"
     assert bf16.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() in ("bf16", "f32")
     result = CliRunner().invoke(cli, ["build", "tiny:llama", "-o", str(tmp_path / "x")] + [
@@ -186,10 +187,10 @@ def test_quantized_weights_stay_compressed_and_pass_the_quality_gate(quant, tmp_
     model = ov.Core().read_model(str(out / "openvino_model.xml"))
     kinds = {op.get_output_element_type(0).get_type_name() for op in model.get_ops()}
     assert ("u4" if quant == "int4" else "i8") in kinds
-    fp32 = rt.load(ov_artifact("llama")).session
+    fp32 = rt.load(ov_artifact("llama")).model
     size = (out / "openvino_model.bin").stat().st_size
     assert size < 0.45 * (ov_artifact("llama") / "openvino_model.bin").stat().st_size
-    session = rt.load(out).session
+    session = rt.load(out).model
     fc = runtime_ops(session.compiled)["FullyConnected"]
     assert fc == runtime_ops(fp32.compiled)["FullyConnected"]
     assert len(rt.load(out).generate("Paris is", max_new_tokens=8)) > 0
@@ -205,7 +206,7 @@ def check_fast_kernels_are_a_recorded_choice(out: Path, fast) -> None:
     recorded it with the CPU it ran on, and `llmc inspect` shows it."""
     from llmc.targets.openvino.session import DYNAMIC_QUANTIZATION_GROUP, EXACT, unpinned
 
-    exact = rt.load(out, exact=True).session
+    exact = rt.load(out, exact=True).model
     assert exact.fast_kernels is None and unpinned(exact.compiled, EXACT) == []
     assert "dynamic quantization" in fast.fast_kernels
     group = fast.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")

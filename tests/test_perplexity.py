@@ -45,7 +45,7 @@ def test_onnx_session_scores_like_pytorch(tiny_artifact, tiny_model):
     model, _ = tiny_model("llama")
     gen = rt.load(tiny_artifact("llama"))
     ids = np.random.default_rng(1).integers(0, model.config.vocab_size, 300)
-    ours = perplexity(gen.session.score, ids, window=128, stride=64)
+    ours = perplexity(gen.model.sequence().score, ids, window=128, stride=64)
     ref = perplexity(TorchScorer(model).score, ids, window=128, stride=64)
     assert ours.windows == ref.windows == 4
     assert math.isclose(ours.perplexity, ref.perplexity, rel_tol=1e-5)

@@ -293,10 +293,9 @@ def check_rescorer_rows(out, manifest):
     onnxruntime's layout: they must be the model's lm_head, rounded to its 8-bit grid."""
     from llmc.compiler import tiny
     from llmc.targets.onnx.rescore import TOP
-    from llmc.targets.onnx.session import Session
+    from llmc.targets.onnx.session import Model
 
-    session = Session(out, manifest)
-    rescore = session._rescore
+    rescore = Model(out, manifest).rescore
     assert rescore is not None and rescore.bits == 8
     w = tiny.build_model("llama").lm_head.weight.detach().numpy()
     rows = rescore.rows(np.arange(w.shape[0]))

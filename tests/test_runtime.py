@@ -80,7 +80,7 @@ def test_generate_respects_max_new_tokens_and_context(tiny_artifact):
 
 def test_shared_kv_decode_reuses_its_buffers_and_binding(tiny_artifact):
     gen = rt.load(tiny_artifact("llama"))
-    session = gen.session
+    session = gen.model.sequence()
     session.prefill(np.array([gen.encode("Hello, world")]))
     session.decode(np.array([[5]]))
     binding, buffer = session._decode_binding.binding, session._buffers[0].ctypes.data
@@ -98,7 +98,8 @@ def test_shared_kv_grows_past_its_first_capacity_like_concat(tiny_artifact):
     prompt = [shared.encode("Once upon a time")]
     config = rt.GenerationConfig(300, ignore_eos=True)
     a = np.concatenate(list(shared.generate_ids(prompt, config)))
-    assert shared.session.capacity == 512  # 256 first, grown once
+    with shared.sequence() as seq:  # the pooled sequence that ran it
+        assert seq.capacity == 512  # 256 first, grown once
     b = np.concatenate(list(concat.generate_ids(prompt, config)))
     assert len(a) == len(b) == 300
     assert np.array_equal(a, b)  # same tokens through the buffer growth

@@ -98,3 +98,73 @@ def test_128_greedy_tokens_match_transformers(smollm2, reference, prompt):
             pad_token_id=reference.tokenizer.pad_token_id,
         )
     assert ours == out[0, len(ids) :].tolist()
+
+
+GROUNDED = "Repeat this Python code exactly, renaming `params` to `options`:\n\n"
+
+
+def test_prompt_lookup_keeps_128_greedy_tokens(smollm2):
+    """Speculative greedy decoding (prompt lookup) is token for token plain greedy decoding, on a
+    prompt it can copy from (drafts accepted) and on one it cannot."""
+    from pathlib import Path
+
+    import llmc.runtime.sampling as source
+
+    gen = rt.load(smollm2)
+    code = Path(source.__file__).read_text()[:1600]
+    for prompt in (GROUNDED + code, "Write a long story about a lighthouse keeper."):
+        ids = gen.encode(prompt, chat=True)
+        plain = [e.token for e in gen.events(ids, max_new_tokens=128, ignore_eos=True)]
+        events = list(gen.events(ids, max_new_tokens=128, ignore_eos=True, draft="prompt-lookup"))
+        assert [e.token for e in events] == plain
+    usage = events[-1].usage
+    assert usage.completion_tokens == 128
+
+
+CONCURRENT = r"""
+import json, sys, threading
+import llmc.runtime as rt
+
+def peak_kb():
+    with open("/proc/self/status") as status:
+        return next(int(l.split()[1]) for l in status if l.startswith("VmHWM:"))
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+gen = rt.load(sys.argv[1], threads=2)
+prompts = ["Tell me about the sea.", "What is 2 + 2?", "Name three colours.", "Why do cats purr?"]
+kw = {"max_new_tokens": 24, "ignore_eos": True, "chat": True}
+alone = [gen.generate(p, **kw) for p in prompts]  # one pooled sequence, in turn
+reset_peak()
+gen.generate(prompts[0], **kw)
+one = peak_kb()
+reset_peak()
+together = [None] * 4
+def work(i):
+    together[i] = gen.generate(prompts[i], **kw)
+threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps({"one": one, "four": peak_kb(), "same": together == alone,
+                  "sequences": len(gen._idle)}))
+"""
+
+
+def test_four_concurrent_sequences_share_one_copy_of_the_weights(smollm2):
+    """Four threads generate at once on one loaded model: each gets the text it gets alone,
+    and the process's peak RSS grows by at most 30% over one sequence's (no weight copies)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", CONCURRENT, str(smollm2)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["same"] and result["sequences"] == 4
+    assert result["four"] <= 1.3 * result["one"], result

@@ -1,4 +1,4 @@
-"""Runtime sessions for ONNX artifacts on onnxruntime (numpy in, numpy out; no torch).
+"""Runtime model and sequences for ONNX artifacts on onnxruntime (numpy in, numpy out; no torch).
 
 `shared` KV mode (the default pipeline): one buffer per layer, [batch, kv_heads, capacity,
 head_dim], owned here and bound through onnxruntime I/O binding as both the past input and the
@@ -16,15 +16,18 @@ as the next step's past.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmc.contract import IOContract, KVMode, Logits
-from llmc.runtime.session import PositionTracker, SessionOptions, check_context
-from llmc.runtime.session import Session as BaseSession
+from llmc.contract import KVMode, Logits
+from llmc.errors import SessionError
+from llmc.runtime.session import Model as BaseModel
+from llmc.runtime.session import PositionTracker, Sequence, SessionOptions, check_context
 from llmc.targets.base import step_feeds
 from llmc.targets.onnx.rescore import LmHeadRescorer
 
@@ -37,6 +40,9 @@ PREFILL_CHUNK = 256  # long prompts run in chunks: less attention work, bounded 
 EXACT_PREFILL_CHUNK = 1024
 # What a quantized artifact's default session computes differently from the exact one.
 FAST_KERNELS = "MatMulNBits accuracy level 4: int8 activations on decode steps, prompts exact"
+# Extend steps of at most this many tokens on a live cache (verifying drafted tokens) run on the
+# decode kernels, with every position's top logits rescored; longer ones run as a prefill.
+SHORT_EXTEND = 16
 
 
 def _open(
@@ -75,20 +81,14 @@ def _open(
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers), rescorer
 
 
-class Session(BaseSession):
-    """An onnxruntime session of an ONNX artifact; `Session(...)` gives the class of the
-    artifact's KV mode (SharedKVSession or ConcatKVSession).
+class Model(BaseModel):
+    """An ONNX artifact loaded on onnxruntime: its sessions, shared by every sequence (an
+    onnxruntime session runs concurrent calls); `sequence()` gives one of the artifact's KV mode.
 
     `exact`: quantized matmuls dequantize their weights and multiply in fp32 on every step
     (verification: the numbers of the llmc graph); otherwise decode steps quantize activations
     to int8 (onnxruntime's fast kernels) and only prompts run exactly (faster for many rows, and
     their logits are the exact ones)."""
-
-    def __new__(cls, directory, manifest: dict, options=None):
-        if cls is Session:
-            shared = IOContract.from_manifest(manifest).kv_mode is KVMode.SHARED
-            cls = SharedKVSession if shared else ConcatKVSession
-        return super().__new__(cls)
 
     def __init__(self, directory, manifest: dict, options: SessionOptions | None = None):
         super().__init__(directory, manifest, options)
@@ -96,69 +96,107 @@ class Session(BaseSession):
         quantized = bool(manifest.get("quantization"))
         fast = quantized and not exact
         self.fast_kernels = FAST_KERNELS if fast else None
-        self._sess, self._rescore = _open(
+        self.decode_session, self.rescore = _open(
             directory, manifest, threads, 0 if exact and quantized else None, rescore=fast
         )
-        self._prefill_sess = self._sess
-        self._chunk = EXACT_PREFILL_CHUNK if quantized else PREFILL_CHUNK
+        self.prefill_session = self.decode_session
+        self.chunk = EXACT_PREFILL_CHUNK if quantized else PREFILL_CHUNK
+        # Exact quantized steps dequantize every weight into scratch on each call (113 MB for
+        # SmolLM2's lm_head alone): one at a time, so that concurrent sequences do not each hold
+        # that scratch (four int8 SmolLM2 prompts at once: peak RSS 1.56x one's, 1.0x in turn).
+        self.exact_steps = threading.Lock() if quantized else contextlib.nullcontext()
         if fast:
-            self._prefill_sess, _ = _open(directory, manifest, threads, accuracy_level=0)
-        io = self.io
-        self._past_names, self._present_names = io.past_inputs, io.present_outputs
-        self._kv_heads, self._head_dim = io.cache.kv_heads, io.cache.head_dim
-        self._kv_dtype = np.dtype(io.cache.dtype)
-        self._inputs = {i.name for i in self._sess.get_inputs()}
-        self._last_only = io.logits is Logits.LAST  # artifacts from before logits_index
+            self.prefill_session, _ = _open(directory, manifest, threads, accuracy_level=0)
+        self.inputs = {i.name for i in self.decode_session.get_inputs()}
+        self.last_only = self.io.logits is Logits.LAST  # artifacts from before logits_index
+
+    def sequence(self) -> Sequence:
+        if self.io.kv_mode is KVMode.SHARED:
+            return SharedKVSequence(self)
+        return ConcatKVSequence(self)
+
+    def session_for(self, tokens: int, live: bool):
+        """The session of a step of `tokens` new tokens (on a live cache or a fresh one) and
+        its lm_head rescorer: short steps on a live cache run on the decode kernels."""
+        if live and tokens <= SHORT_EXTEND:
+            return self.decode_session, self.rescore
+        return self.prefill_session, None
+
+    def run(self, sess, *args):
+        """`sess.run(*args)`, or run_with_iobinding for a binding; exact quantized ones in turn."""
+        run = sess.run_with_iobinding if len(args) == 1 else sess.run
+        if sess is self.prefill_session:
+            with self.exact_steps:
+                return run(*args)
+        return run(*args)
+
+    def check_positions(self, last_only: bool) -> None:
+        if self.last_only and not last_only:
+            raise SessionError(
+                f"{self.directory} returns logits for the last position only (an older "
+                "build); rebuild it to score or extend by several tokens."
+            )
 
 
-class ConcatKVSession(Session):
+def _rescore(rescore, logits: np.ndarray, hidden: np.ndarray) -> None:
+    """Exact top logits at every position of every row: logits [B, P, V], hidden [B, >=P, K]."""
+    hidden = hidden[:, hidden.shape[1] - logits.shape[1] :]
+    for row_logits, row_hidden in zip(logits, hidden, strict=True):
+        rescore(row_logits, row_hidden)
+
+
+class ConcatKVSequence(Sequence):
     """Concat-mode KV cache: the runtime keeps past tensors and feeds them back each step."""
 
-    def __init__(self, directory, manifest: dict, options: SessionOptions | None = None):
-        super().__init__(directory, manifest, options)
-        self._positions = PositionTracker(self.max_context)
+    def __init__(self, model: Model):
+        super().__init__(model)
+        io = model.io
+        self._positions = PositionTracker(model.max_context)
         self._past: list[np.ndarray] | None = None
+        self._empty = (io.cache.kv_heads, io.cache.head_dim, np.dtype(io.cache.dtype))
 
     def _reset(self) -> None:
         self._positions.reset()
         self._past = None
 
-    def _prefill(self, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        return self._step(ids, mask)
+    def _lengths(self) -> np.ndarray:
+        return self._positions.lengths
 
-    def _decode(self, ids: np.ndarray) -> np.ndarray:
-        return self._step(ids, None)
+    def _truncate(self, lengths: np.ndarray) -> None:
+        cut = self._positions.truncate(lengths)
+        self._past = [p[:, :, :cut] for p in self._past]
 
-    def _step(
-        self, ids: np.ndarray, new_mask: np.ndarray | None, all_positions: bool = False
-    ) -> np.ndarray:
-        feeds = step_feeds(self._positions, ids, new_mask, all_positions)
-        ids = feeds["input_ids"]  # [B, S]
-        if self._past is None:
-            shape = (ids.shape[0], self._kv_heads, 0, self._head_dim)
-            self._past = [np.zeros(shape, self._kv_dtype)] * len(self._past_names)
-        feeds = {k: v for k, v in feeds.items() if k in self._inputs}
-        feeds.update(zip(self._past_names, self._past, strict=True))
-        sess = self._prefill_sess if ids.shape[1] > 1 else self._sess
-        rescore = self._rescore if sess is self._sess else None
-        names = ["logits", *self._present_names] + ([rescore.output] if rescore else [])
-        logits, *present = sess.run(names, feeds)
+    def _extend(self, ids: np.ndarray, mask: np.ndarray | None, last_only: bool) -> np.ndarray:
+        m = self.model
+        m.check_positions(last_only)
+        live = self._past is not None
+        feeds = step_feeds(self._positions, ids, mask, all_positions=not last_only)
+        if not live:
+            heads, dim, dtype = self._empty
+            empty = np.zeros((ids.shape[0], heads, 0, dim), dtype)
+            self._past = [empty] * len(m.io.past_inputs)
+        feeds = {k: v for k, v in feeds.items() if k in m.inputs}
+        feeds.update(zip(m.io.past_inputs, self._past, strict=True))
+        sess, rescore = m.session_for(ids.shape[1], live)
+        names = ["logits", *m.io.present_outputs] + ([rescore.output] if rescore else [])
+        logits, *present = m.run(sess, names, feeds)
+        if last_only:
+            logits = logits[:, -1:]
         if rescore:
-            rescore(logits[:, -1], present.pop()[:, -1])
+            _rescore(rescore, logits, present.pop())
         self._past = present  # [B, KVH, T, D] each
-        return logits if all_positions else logits[:, -1, :]  # [B, S, V] or [B, V]
-
-    def _score(self, ids: np.ndarray) -> np.ndarray:
-        return self._step(ids[None], None, all_positions=True)[0]
+        return logits  # [B, 1 or S, V]
 
 
-class SharedKVSession(Session):
+class SharedKVSequence(Sequence):
     """Shared-buffer KV cache written in place by the model (see the module docstring)."""
 
-    def __init__(self, directory, manifest: dict, options: SessionOptions | None = None):
-        super().__init__(directory, manifest, options)
+    def __init__(self, model: Model):
+        super().__init__(model)
+        io = model.io
+        self._kv = (io.cache.kv_heads, io.cache.head_dim, np.dtype(io.cache.dtype))
         self._buffers: list[np.ndarray] = []
-        self._lengths: np.ndarray | None = None  # tokens in the cache, per row
+        self._held: np.ndarray | None = None  # tokens in the cache, per row
         self._decode_binding: _Bound | None = None  # reused by every decode step
 
     @property
@@ -166,45 +204,53 @@ class SharedKVSession(Session):
         return self._buffers[0].shape[2] if self._buffers else 0
 
     def _reset(self) -> None:
-        self._lengths = None
+        self._held = None
 
-    def _prefill(self, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    def _lengths(self) -> np.ndarray:
+        return self._held.copy()
+
+    def _truncate(self, lengths: np.ndarray) -> None:
+        self._held = lengths.copy()  # the model reads each row's first `held` positions only
+
+    def _extend(self, ids: np.ndarray, mask: np.ndarray | None, last_only: bool) -> np.ndarray:
+        """Rows run one by one (see the module docstring), long ones in chunks."""
+        m = self.model
+        m.check_positions(last_only)
+        live = self._held is not None
+        if live and ids.shape[1] == 1 and last_only:
+            return self._decode(ids)[:, None]
         mask = np.ones_like(ids) if mask is None else mask
         rows = [ids[b][mask[b] != 0] for b in range(ids.shape[0])]
-        longest = max(len(r) for r in rows)
-        check_context(longest, self.max_context)
-        self._reserve(len(rows), longest + 1)
-        logits = np.empty((len(rows), self.vocab_size), np.float32)
+        starts = self._held if live else np.zeros(len(rows), np.int64)
+        ends = starts + np.array([len(r) for r in rows], np.int64)
+        check_context(int(ends.max()), m.max_context)
+        self._reserve(len(rows), int(ends.max()) + 1)
+        sess, rescore = m.session_for(ids.shape[1], live)
+        chunk = m.chunk if sess is m.prefill_session else ids.shape[1]
+        out = np.empty((len(rows), 1 if last_only else ids.shape[1], m.vocab_size), np.float32)
         for b, row in enumerate(rows):
-            for start in range(0, len(row), self._chunk):
-                chunk = row[None, start : start + self._chunk]
-                out = self._run(chunk, start, slice(b, b + 1), all_positions=False)
-            logits[b] = out[0, -1]
-        self._lengths = np.array([len(r) for r in rows], np.int64)
-        return logits
-
-    def _score(self, row: np.ndarray) -> np.ndarray:
-        check_context(len(row), self.max_context)
-        self._reserve(1, len(row))
-        chunks = range(0, len(row), self._chunk)
-        out = [self._run(row[None, i : i + self._chunk], i, slice(0, 1), True) for i in chunks]
-        self._lengths = np.array([len(row)], np.int64)
-        return np.concatenate([o[0] for o in out])
+            pieces = []
+            for at in range(0, len(row), chunk):
+                piece = row[None, at : at + chunk]
+                pieces.append(self._run(piece, int(starts[b]) + at, b, last_only, sess, rescore))
+            out[b] = pieces[-1][0, -1:] if last_only else np.concatenate([p[0] for p in pieces])
+        self._held = ends
+        return out
 
     def _decode(self, ids: np.ndarray) -> np.ndarray:
-        needed = int(self._lengths.max()) + 1
-        check_context(needed, self.max_context)
-        if self._reserve(len(ids), needed) or self._decode_binding is None:
+        m = self.model
+        check_context(int(self._held.max()) + 1, m.max_context)
+        if self._reserve(len(ids), int(self._held.max()) + 1) or self._decode_binding is None:
             self._decode_binding = self._bind_decode(len(ids))
         bound = self._decode_binding
         bound.ids[:] = ids
-        bound.positions[:, 0] = self._lengths
-        bound.seqlens[:] = self._lengths  # the row's length after this step, minus one
-        self._sess.run_with_iobinding(bound.binding)
-        self._lengths += 1
+        bound.positions[:, 0] = self._held
+        bound.seqlens[:] = self._held  # the row's length after this step, minus one
+        m.run(m.decode_session, bound.binding)
+        self._held += 1
         out = bound.logits[:, -1].copy()
-        if self._rescore:
-            self._rescore(out, bound.hidden[:, -1])
+        if m.rescore:
+            m.rescore(out, bound.hidden[:, -1])
         return out
 
     # -- buffers and bindings --------------------------------------------------------------------
@@ -213,54 +259,60 @@ class SharedKVSession(Session):
         if self._buffers and self._buffers[0].shape[0] == batch and self.capacity >= needed:
             return False
         grow = max(needed, 2 * self.capacity if self._buffers else 0)
-        capacity = min(self.max_context, -(-grow // CAPACITY_STEP) * CAPACITY_STEP)
-        shape = (batch, self._kv_heads, capacity, self._head_dim)
+        capacity = min(self.model.max_context, -(-grow // CAPACITY_STEP) * CAPACITY_STEP)
+        heads, dim, dtype = self._kv
+        shape = (batch, heads, capacity, dim)
         old = self._buffers if self._buffers and self._buffers[0].shape[0] == batch else []
-        self._buffers = [np.zeros(shape, self._kv_dtype) for _ in self._past_names]
+        self._buffers = [np.zeros(shape, dtype) for _ in self.model.io.past_inputs]
         for new, previous in zip(self._buffers, old, strict=False):
             new[:, :, : previous.shape[2]] = previous
         self._decode_binding = None
         return True
 
     def _bind_arrays(self, binding, rows: slice) -> None:
+        io = self.model.io
         for past, present, buffer in zip(
-            self._past_names, self._present_names, self._buffers, strict=True
+            io.past_inputs, io.present_outputs, self._buffers, strict=True
         ):
             view = buffer[rows]  # a contiguous block: rows are the outermost dim
             for bind, name in ((binding.bind_input, past), (binding.bind_output, present)):
                 bind(name, "cpu", 0, view.dtype, list(view.shape), view.ctypes.data)
 
     def _bind_input(self, binding, name: str, array: np.ndarray) -> None:
-        if name in self._inputs:
+        if name in self.model.inputs:
             binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
 
-    def _run(self, ids: np.ndarray, start: int, rows: slice, all_positions: bool) -> np.ndarray:
-        """One step of `ids` [1, S] after `start` cached tokens -> logits [1, S or 1, V]."""
+    def _run(self, ids, start: int, row: int, last_only: bool, sess, rescore) -> np.ndarray:
+        """One step of `ids` [1, S] of row `row` after `start` cached tokens -> logits
+        [1, 1 or S, V]."""
         s = ids.shape[1]
         positions = start + np.arange(s, dtype=np.int64)[None]
         seqlens = np.array([start + s - 1], np.int32)
-        index = np.arange(s) if all_positions else np.array([s - 1])
+        index = np.array([s - 1], np.int64) if last_only else np.arange(s, dtype=np.int64)
         ids = np.ascontiguousarray(ids)
-        sess = self._prefill_sess
-        bound = self._binding(ids, positions, seqlens, index, rows, sess)
-        sess.run_with_iobinding(bound.binding)
-        return bound.logits
+        bound = self._binding(sess, ids, positions, seqlens, index, slice(row, row + 1), rescore)
+        self.model.run(sess, bound.binding)
+        if rescore:
+            _rescore(rescore, bound.logits, bound.hidden)
+        return bound.logits[:, -1:] if last_only else bound.logits
 
     def _bind_decode(self, batch: int):
         """The decode binding: its inputs are arrays the caller fills in place each step."""
         ids, positions = np.zeros((batch, 1), np.int64), np.zeros((batch, 1), np.int64)
         index = np.zeros(1, np.int64)
         seqlens = np.zeros(batch, np.int32)
-        return self._binding(ids, positions, seqlens, index, slice(0, batch), self._sess)
+        m, rows = self.model, slice(0, batch)
+        return self._binding(m.decode_session, ids, positions, seqlens, index, rows, m.rescore)
 
-    def _binding(self, ids, positions, seqlens, index, rows: slice, sess) -> _Bound:
-        """Bind inputs, the rows' KV buffers (as past and present), a logits array and, for the
-        rescored decode session, an array for the lm_head's input."""
-        if self.io.logits_index:
+    def _binding(self, sess, ids, positions, seqlens, index, rows: slice, rescore) -> _Bound:
+        """Bind inputs, the rows' KV buffers (as past and present), a logits array and, with a
+        rescorer, an array for the lm_head's input."""
+        m = self.model
+        if m.io.logits_index:
             kept = len(index)
         else:
-            kept = 1 if self._last_only else ids.shape[1]
-        logits = np.empty((ids.shape[0], kept, self.vocab_size), np.float32)
+            kept = 1 if m.last_only else ids.shape[1]
+        logits = np.empty((ids.shape[0], kept, m.vocab_size), np.float32)
         binding = sess.io_binding()
         self._bind_input(binding, "input_ids", ids)
         self._bind_input(binding, "position_ids", positions)
@@ -271,10 +323,10 @@ class SharedKVSession(Session):
             "logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data
         )
         hidden = None
-        if self._rescore and sess is self._sess:
-            hidden = np.empty((ids.shape[0], kept, self._rescore.k), np.float32)
+        if rescore:
+            hidden = np.empty((ids.shape[0], kept, rescore.k), np.float32)
             binding.bind_output(
-                self._rescore.output, "cpu", 0, hidden.dtype, list(hidden.shape), hidden.ctypes.data
+                rescore.output, "cpu", 0, hidden.dtype, list(hidden.shape), hidden.ctypes.data
             )
         return _Bound(binding, ids, positions, seqlens, index, logits, hidden)
 

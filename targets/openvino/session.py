@@ -1,7 +1,9 @@
-"""Runtime session for OpenVINO artifacts (numpy in, numpy out; no torch).
+"""Runtime model and sequences for OpenVINO artifacts (numpy in, numpy out; no torch).
 
-The KV cache is the compiled model's state (`stateful` KV mode), held by the infer request that
-runs the step; `reset_state()` at the start of every sequence, `beam_idx` = the rows in order.
+The model holds the compiled models (shared by every sequence); each sequence has its own infer
+requests, and its KV cache is their state (`stateful` KV mode): `reset_state()` at the start of
+every sequence, `beam_idx` = the rows in order, and a rollback (`truncate`) cuts the state
+tensors [B, KV heads, T, head dim] to the columns kept.
 Precision is explicit: an fp32 artifact runs with f32 inference and an f32 KV cache unless the
 caller asks for bf16, because this CPU plugin otherwise computes "fp32" models in bf16 with a
 u8/f16 cache.
@@ -17,14 +19,16 @@ SmolLM2), so by default it is on only where that fits easily in free memory (`st
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from llmc.errors import SessionError
+from llmc.runtime.session import Model as BaseModel
 from llmc.runtime.session import PositionTracker, SessionOptions
-from llmc.runtime.session import Session as BaseSession
+from llmc.runtime.session import Sequence as BaseSequence
 from llmc.targets.base import step_feeds
 
 # Every CPU-plugin property of OpenVINO 2026.4 that changes the arithmetic, pinned, so that
@@ -53,6 +57,8 @@ PRECISIONS = {
 # matmul with compressed weights are quantized to int8 in groups of this many values, the
 # plugin's own default where the CPU has VNNI or AMX (README, "OpenVINO").
 DYNAMIC_QUANTIZATION_GROUP = 32
+# Rolled-back (masked) KV columns a sequence keeps before compacting its state.
+HOLES = 64
 
 
 def _free_memory() -> int | None:
@@ -118,7 +124,7 @@ class Options(SessionOptions):
     static_decode: bool | None = None
 
 
-class Session(BaseSession):
+class Model(BaseModel):
     Options = Options
 
     def __init__(
@@ -157,16 +163,17 @@ class Session(BaseSession):
         self._core, self._model = core, core.read_model(str(xml))
         self._properties = compile_properties(self.precision, threads, self.dynamic_quantization)
         self.compiled = self._compile(self._model)
-        self._request = self.compiled.create_infer_request()
-        self._inputs = {p.get_any_name() for p in self.compiled.inputs}
-        self._positions = PositionTracker(self.max_context)
+        self.inputs = {p.get_any_name() for p in self.compiled.inputs}
         if static_decode is None:
             static_decode = static_decode_fits(xml.with_suffix(".bin").stat().st_size)
         self.static_decode = static_decode
-        self._decoders: dict[int, object] = {}  # batch size -> infer request of the static model
-        self._live = self._request  # the request that holds this sequence's KV cache
+        self._decoders: dict[int, object] = {}  # batch size -> the static decode model
+        self._lock = threading.Lock()  # compiles a static decode model once
         if static_decode:
-            self._decoder(1)  # compile now: the first decode step must not pay for it
+            self.decoder(1)  # compile now: the first decode step must not pay for it
+
+    def sequence(self) -> Sequence:
+        return Sequence(self)
 
     def _compile(self, model):
         from llmc.errors import ArtifactError
@@ -179,22 +186,41 @@ class Session(BaseSession):
             )
         return compiled
 
-    def _decoder(self, batch: int):
-        """The infer request of the model reshaped for `batch` rows of one new token each."""
-        if batch not in self._decoders:
-            import openvino as ov
+    def decoder(self, batch: int):
+        """The compiled model reshaped for `batch` rows of one new token each."""
+        with self._lock:
+            if batch not in self._decoders:
+                import openvino as ov
 
-            fixed = {
-                "input_ids": [batch, 1],
-                "position_ids": [batch, 1],
-                "attention_mask": [batch, -1],  # the context length stays dynamic
-                "logits_index": [1],
-                "beam_idx": [batch],
-            }
-            model = self._model.clone()
-            model.reshape({p: ov.PartialShape(fixed[p.get_any_name()]) for p in model.inputs})
-            compiled = self._compile(model)
-            self._decoders[batch] = compiled.create_infer_request()
+                fixed = {
+                    "input_ids": [batch, 1],
+                    "position_ids": [batch, 1],
+                    "attention_mask": [batch, -1],  # the context length stays dynamic
+                    "logits_index": [1],
+                    "beam_idx": [batch],
+                }
+                model = self._model.clone()
+                shapes = {p: ov.PartialShape(fixed[p.get_any_name()]) for p in model.inputs}
+                model.reshape(shapes)
+                self._decoders[batch] = self._compile(model)
+            return self._decoders[batch]
+
+
+class Sequence(BaseSequence):
+    """Rows on one OpenVINO model: an infer request of the dynamic model and, with static
+    decode, one of the static decode model per batch size; the KV state moves to the request
+    that runs the step."""
+
+    def __init__(self, model: Model):
+        super().__init__(model)
+        self._request = model.compiled.create_infer_request()
+        self._positions = PositionTracker(model.max_context)
+        self._decoders: dict[int, object] = {}  # batch size -> infer request
+        self._live = self._request  # the request that holds this sequence's KV cache
+
+    def _decoder(self, batch: int):
+        if batch not in self._decoders:
+            self._decoders[batch] = self.model.decoder(batch).create_infer_request()
         return self._decoders[batch]
 
     def _use(self, request) -> None:
@@ -210,23 +236,39 @@ class Session(BaseSession):
         self._request.reset_state()
         self._live = self._request
 
-    def _prefill(self, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        return self._step(ids, mask)[:, -1]
+    def _lengths(self) -> np.ndarray:
+        return self._positions.lengths
 
-    def _decode(self, ids: np.ndarray) -> np.ndarray:
-        return self._step(ids, None)[:, -1]
+    def _truncate(self, lengths: np.ndarray) -> None:
+        """Mask the rolled-back columns out (no copy); the state is compacted only once they
+        add up (reading and writing it costs about 7 ms for 600 SmolLM2 positions, half a
+        decode step)."""
+        self._positions.truncate(lengths, drop=False)
+        if self._positions.length - int(lengths.max()) >= HOLES:
+            self._compact()
 
-    def _score(self, ids: np.ndarray) -> np.ndarray:
-        return self._step(ids[None], None, all_positions=True)[0]
+    def _compact(self) -> None:
+        import openvino as ov
 
-    def _step(self, ids, new_mask, all_positions: bool = False) -> np.ndarray:
-        feeds = step_feeds(self._positions, ids, new_mask, all_positions)
+        columns = self._positions.compact()
+        for state in self._live.query_state():
+            kept = state.state.data[:, :, columns]  # [B, KV heads, T, head dim]
+            state.state = ov.Tensor(np.ascontiguousarray(kept))
+
+    def _extend(self, ids: np.ndarray, mask, last_only: bool) -> np.ndarray:
+        m = self.model
+        if (
+            self._positions.mask is not None
+            and self._positions.length + ids.shape[1] > m.max_context
+        ):
+            self._compact()  # masked columns count against the model's context
+        feeds = step_feeds(self._positions, ids, mask, all_positions=not last_only)
         ids, mask = feeds["input_ids"], feeds["attention_mask"]
         feeds["beam_idx"] = np.arange(ids.shape[0], dtype=np.int32)
         request = self._request
-        decode_step = ids.shape[1] == 1 and not all_positions and mask.shape[1] > 1
-        if self.static_decode and decode_step:  # one new token per row after the prefill
+        decode_step = ids.shape[1] == 1 and last_only and mask.shape[1] > 1
+        if m.static_decode and decode_step:  # one new token per row after the prefill
             request = self._decoder(ids.shape[0])
         self._use(request)
-        request.infer({k: v for k, v in feeds.items() if k in self._inputs}, share_inputs=True)
-        return request.get_tensor("logits").data.copy()  # [B, S or 1, V]
+        request.infer({k: v for k, v in feeds.items() if k in m.inputs}, share_inputs=True)
+        return request.get_tensor("logits").data.copy()  # [B, 1 or S, V]

@@ -1,0 +1,285 @@
+"""Speculative decoding: drafters that propose tokens, the rule that accepts them, and the policy
+that picks how many to draft (numpy only).
+
+A step feeds the target the row's last token and k drafted ones (`Sequence.extend`), reads the
+logits at every position, accepts a prefix of the draft and adds one token of the target's own,
+then rolls the cache back past what was rejected (`Sequence.truncate`).
+
+- Greedy: a drafted token is accepted while it is the target's argmax, so the output is the
+  plain greedy output token for token.
+- Sampling: the rule of Leviathan et al. (2023) and Chen et al. (2023): accept x with
+  probability min(1, p(x) / q(x)), else draw from the normalized max(p - q, 0), and draw a bonus
+  token from p when every draft was accepted. The output is distributed as plain sampling from
+  p. A prompt-lookup draft is deterministic (q is one-hot on x).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmc.errors import LlmcError
+from llmc.runtime.sampling import Sampler
+
+NUM_DRAFT = {"prompt-lookup": 10, "model": 4}  # default most tokens drafted per step
+# Prior cost of a verification step per drafted token, as a fraction of a decode step (the
+# StepClock measures the real one): the weights are read once per step whatever its length, so
+# on a memory-bound CPU each extra position adds little.
+VERIFY_COST = 0.06
+
+
+@dataclass
+class Draft:
+    tokens: np.ndarray  # [n] int64
+    probs: np.ndarray | None = None  # [n, V] the draft's distributions (None: deterministic)
+
+
+@dataclass
+class RowStats:
+    drafted: int = 0  # tokens proposed
+    accepted: int = 0  # of which the target kept
+    steps: int = 0  # target steps after the prefill (decode or verify)
+
+
+class PromptLookup:
+    """Drafts the tokens that followed the most recent earlier occurrence of the sequence's last
+    n tokens (n from `max_ngram` down to `min_ngram`), in the prompt or the text so far."""
+
+    cost = 0.0  # per drafted token, relative to a target decode step
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def start(self, prompts: list[list[int]]) -> None:
+        pass
+
+    def propose(self, histories: list[np.ndarray], ks: list[int], sampler: Sampler) -> list[Draft]:
+        return [Draft(self.lookup(h, k)) for h, k in zip(histories, ks, strict=True)]
+
+    def lookup(self, history: np.ndarray, k: int) -> np.ndarray:
+        size = len(history)
+        for n in range(min(self.max_ngram, size - 1), self.min_ngram - 1, -1):
+            if k <= 0:
+                break
+            windows = np.lib.stride_tricks.sliding_window_view(history[:-1], n)
+            starts = np.flatnonzero((windows == history[-n:]).all(axis=1))
+            if starts.size:
+                follow = np.minimum(k, size - (starts + n))  # tokens after each match
+                best = starts[np.lexsort((starts, follow))[-1]]  # the longest, then the latest
+                return history[best + n : best + n + k].copy()
+        return np.zeros(0, np.int64)
+
+    def commit(self, accepted: list[int]) -> None:
+        pass
+
+
+class DraftModel:
+    """Drafts with a second llmc model (a smaller artifact with the same tokenizer, e.g. one
+    built with `llmc build --draft-layers N`): its own sequence follows the accepted text."""
+
+    def __init__(self, generator, target):
+        draft, tok = generator.tokenizer, target.tokenizer
+        probe = "The quick brown fox, 3.14 <tags> naïve — 日本語"
+        if generator.model.vocab_size != target.model.vocab_size or tok.encode(
+            probe
+        ) != draft.encode(probe):
+            raise LlmcError(
+                "the draft artifact has another tokenizer than the model; build the draft from "
+                "the same model (llmc build --draft-layers N) or one of its family."
+            )
+        self.model = generator.model
+        weights = sum(f.stat().st_size for f in self.model.directory.iterdir() if f.is_file())
+        ours = sum(f.stat().st_size for f in target.model.directory.iterdir() if f.is_file())
+        self.cost = weights / max(ours, 1)  # decode is memory-bound: cost follows the bytes
+        self.seq = self.model.sequence()
+        self._fed: np.ndarray | None = None  # tokens of each row in the draft's cache
+        self._base: list[int] = []
+
+    def start(self, prompts: list[list[int]]) -> None:
+        self.seq.reset()
+        self._fed = None
+
+    def propose(self, histories: list[np.ndarray], ks: list[int], sampler: Sampler) -> list[Draft]:
+        room = self.model.max_context - max(len(h) for h in histories)
+        k = min(max(ks), room)
+        self._base = [len(h) for h in histories]
+        if k <= 0:
+            return [Draft(np.zeros(0, np.int64)) for _ in histories]
+        logits = self._catch_up(histories)
+        tokens = np.zeros((len(histories), k), np.int64)
+        probs = None if sampler.greedy else np.zeros((len(histories), k, logits.shape[-1]))
+        seen = [h for h in histories]
+        for step in range(k):
+            for b, row in enumerate(logits):
+                if probs is None:
+                    tokens[b, step] = sampler.pick(row, seen[b])
+                else:
+                    probs[b, step] = sampler.distribution(row, seen[b])
+                    tokens[b, step] = sampler.draw(probs[b, step])
+                seen[b] = np.append(seen[b], tokens[b, step])
+            if step < k - 1:
+                logits = self.seq.decode(tokens[:, step : step + 1])
+                self._fed += 1
+        return [
+            Draft(tokens[b, :n], None if probs is None else probs[b, :n])
+            for b, n in enumerate(min(kb, k) for kb in ks)
+        ]
+
+    def _catch_up(self, histories: list[np.ndarray]) -> np.ndarray:
+        """Feed each row what the draft has not seen; the logits after its last token [B, V]."""
+        if self._fed is None:  # the first step: prefill the prompts and the first token
+            width = max(len(h) for h in histories)
+            ids = np.zeros((len(histories), width), np.int64)
+            mask = np.zeros_like(ids)
+            for b, h in enumerate(histories):
+                ids[b, width - len(h) :], mask[b, width - len(h) :] = h, 1
+            self._fed = np.array([len(h) for h in histories], np.int64)
+            return self.seq.prefill(ids, mask)
+        missing = [h[f:] for h, f in zip(histories, self._fed, strict=True)]
+        counts = np.array([len(m) for m in missing])
+        width = max(counts)
+        # a finished row has nothing new: it repeats its last token, which is then cut again
+        rows = [np.pad(m if len(m) else h[-1:], (0, width - max(len(m), 1)), mode="edge")
+                for m, h in zip(missing, histories, strict=True)]  # fmt: skip
+        logits = self.seq.extend(np.stack(rows))
+        last = logits[np.arange(len(missing)), np.maximum(counts - 1, 0)]
+        self._fed = self._fed + counts
+        self.seq.truncate(self._fed)
+        return last
+
+    def commit(self, accepted: list[int]) -> None:
+        """The target kept `accepted[b]` drafted tokens: forget the draft's later ones."""
+        if self._fed is None or not self._base:
+            return
+        keep = np.minimum(self._fed, np.array(self._base) + np.array(accepted))
+        self.seq.truncate(keep)
+        self._fed = keep
+
+
+def drafter_for(draft, target, num_draft: int | None):
+    """The drafter of `draft` and its draft limit: "prompt-lookup", a loaded Generator, or any
+    object with PromptLookup's methods (start, propose, commit) and a `cost`."""
+    if isinstance(draft, str):
+        if draft != "prompt-lookup":
+            raise LlmcError(
+                f"draft={draft!r}: use 'prompt-lookup' or a loaded draft artifact (rt.load(DIR))."
+            )
+        drafter, default = PromptLookup(), NUM_DRAFT["prompt-lookup"]
+    elif hasattr(draft, "model") and hasattr(draft, "tokenizer"):
+        drafter, default = DraftModel(draft, target), NUM_DRAFT["model"]
+    elif all(hasattr(draft, name) for name in ("start", "propose", "commit", "cost")):
+        drafter, default = draft, NUM_DRAFT["model"]  # a drafter of the caller's (as above)
+    else:
+        raise LlmcError("draft must be 'prompt-lookup' or a generator from rt.load(DRAFT_DIR).")
+    if num_draft is not None and num_draft < 1:
+        raise LlmcError("num_draft must be at least 1.")
+    return drafter, num_draft or default
+
+
+class StepClock:
+    """What the steps of one generation cost, measured as it runs: the decode step's time, and
+    a speculative step's (drafting and verifying k tokens) in decode steps, fitted as
+    1 + overhead + per_token * k by decayed least squares. The overhead is what a verification
+    costs beyond a decode (rolling a cache back, a back end moving its state between compiled
+    models, a draft model catching up); per_token is each position's share (a few percent on a
+    memory-bound fp32 model, 20% for OpenVINO's int8 kernels on SmolLM2). Two pseudo-steps of
+    the drafter's prior start the fit."""
+
+    def __init__(self, per_token: float, overhead: float = 0.1, decay: float = 0.9):
+        self.decode: float | None = None  # seconds, decayed average
+        self.decay = decay
+        self._sums = np.zeros(5)  # weight, sum k, sum k^2, sum r, sum k r
+        for k in (1, 8):
+            self._add(k, overhead + per_token * k)
+
+    def _add(self, k: int, r: float) -> None:
+        self._sums = self.decay * self._sums + np.array([1, k, k * k, r, k * r])
+
+    def plain(self, seconds: float) -> None:
+        self.decode = seconds if self.decode is None else 0.8 * self.decode + 0.2 * seconds
+
+    def speculative(self, seconds: float, k: int) -> None:
+        if self.decode:
+            self._add(k, seconds / self.decode - 1)
+
+    def cost(self, ks: np.ndarray) -> np.ndarray:
+        """Decode steps a step drafting each of `ks` tokens costs (k = 0: a decode step)."""
+        n, sk, skk, sr, skr = self._sums
+        det = n * skk - sk * sk
+        per_token = max((n * skr - sk * sr) / det, 0.01) if det > 1e-9 else 0.06
+        overhead = max((sr - per_token * sk) / n, 0.0)
+        return 1 + (ks > 0) * (overhead + per_token * ks)
+
+
+@dataclass
+class DraftPolicy:
+    """How many tokens to draft for one row: the k that maximizes the expected tokens per unit
+    of time, from an estimate of the per-token acceptance rate (decayed counts of accepted and
+    rejected drafts) and the measured step costs (StepClock). When no k beats plain decoding,
+    the row decodes plainly and drafts one token after `probe` steps to keep the estimate
+    current; each probe that fails doubles the wait (up to 64 steps)."""
+
+    limit: int
+    clock: StepClock
+    accepted: float = 2.0  # prior: 2 of 3 drafts accepted
+    rejected: float = 1.0
+    idle: int = 0
+    probe: int = 8
+    decay: float = 0.85
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def choose(self) -> int:
+        a = min(self.rate, 0.999)
+        ks = np.arange(self.limit + 1)
+        k = int(np.argmax((1 - a ** (ks + 1)) / (1 - a) / self.clock.cost(ks)))
+        if k == 0:
+            self.idle += 1
+            if self.idle >= self.probe:
+                self.idle, k = 0, 1
+        return k
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted:
+            self.accepted = self.decay * self.accepted + accepted
+            self.rejected = self.decay * self.rejected + (accepted < drafted)
+            if drafted == 1:  # a probe
+                self.probe = 8 if accepted else min(2 * self.probe, 64)
+
+
+def verify_row(logits: np.ndarray, draft: Draft, seen: np.ndarray, sampler: Sampler) -> list[int]:
+    """The tokens one row keeps after a verification step: the accepted prefix of `draft` and
+    one token of the target's. logits [n + 1, V]: the target's at the row's last token and at
+    each drafted one; `seen`: the row's tokens so far (for the repetition penalty)."""
+    out: list[int] = []
+    n = len(draft.tokens)
+    for i in range(n + 1):
+        history = np.concatenate([seen, np.asarray(out, np.int64)])
+        if sampler.greedy:
+            token = sampler.pick(logits[i], history)
+            out.append(token)
+            if i == n or token != draft.tokens[i]:
+                return out
+            continue
+        p = sampler.distribution(logits[i], history)
+        if i == n:
+            out.append(sampler.draw(p))
+            return out
+        x = int(draft.tokens[i])
+        q = None if draft.probs is None else draft.probs[i]
+        qx = 1.0 if q is None else q[x]
+        if sampler.uniform() * qx < p[x]:  # accept with probability min(1, p(x) / q(x))
+            out.append(x)
+            continue
+        residual = p.copy()
+        if q is None:
+            residual[x] = 0.0
+        else:
+            residual = np.maximum(p - q, 0.0)
+        total = residual.sum()
+        out.append(sampler.draw(residual / total if total > 0 else p))
+        return out
+    return out
