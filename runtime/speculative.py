@@ -43,30 +43,54 @@ class RowStats:
 
 
 class PromptLookup:
-    """Drafts the tokens that followed the most recent earlier occurrence of the sequence's last
-    n tokens (n from `max_ngram` down to `min_ngram`), in the prompt or the text so far."""
+    """Drafts the tokens that followed an earlier occurrence of the sequence's last n tokens (n
+    from `max_ngram` down to `min_ngram`), in the prompt or the text so far: the latest one
+    whose continuation is as long as asked, else the one with the longest. Each row keeps an
+    index of where every n-gram started, updated with the tokens added since the last step, so
+    a lookup costs a few dictionary reads."""
 
     cost = 0.0  # per drafted token, relative to a target decode step
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self._index: list[dict[tuple, list[int]]] = []
+        self._seen: list[int] = []  # tokens of each row indexed so far
 
     def start(self, prompts: list[list[int]]) -> None:
-        pass
+        self._index = [{} for _ in prompts]
+        self._seen = [0] * len(prompts)
 
     def propose(self, histories: list[np.ndarray], ks: list[int], sampler: Sampler) -> list[Draft]:
-        return [Draft(self.lookup(h, k)) for h, k in zip(histories, ks, strict=True)]
+        if len(self._index) != len(histories):
+            self.start(histories)
+        drafts = []
+        for row, (history, k) in enumerate(zip(histories, ks, strict=True)):
+            self._update(row, history)
+            drafts.append(Draft(self._lookup(row, history, k)))
+        return drafts
 
     def lookup(self, history: np.ndarray, k: int) -> np.ndarray:
+        """The draft for one sequence on its own."""
+        self.start([history])
+        self._update(0, history)
+        return self._lookup(0, history, k)
+
+    def _update(self, row: int, history: np.ndarray) -> None:
+        index, tokens = self._index[row], history.tolist()
+        for end in range(self._seen[row] + 1, len(tokens) + 1):
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if end >= n:
+                    index.setdefault(tuple(tokens[end - n : end]), []).append(end - n)
+        self._seen[row] = len(tokens)
+
+    def _lookup(self, row: int, history: np.ndarray, k: int) -> np.ndarray:
         size = len(history)
         for n in range(min(self.max_ngram, size - 1), self.min_ngram - 1, -1):
             if k <= 0:
                 break
-            windows = np.lib.stride_tricks.sliding_window_view(history[:-1], n)
-            starts = np.flatnonzero((windows == history[-n:]).all(axis=1))
-            if starts.size:
-                follow = np.minimum(k, size - (starts + n))  # tokens after each match
-                best = starts[np.lexsort((starts, follow))[-1]]  # the longest, then the latest
+            starts = self._index[row].get(tuple(history[size - n :].tolist()), [])[:-1]
+            if starts:  # every earlier occurrence but the tail itself, oldest first
+                best = max(reversed(starts[-8:]), key=lambda at: min(k, size - at - n))
                 return history[best + n : best + n + k].copy()
         return np.zeros(0, np.int64)
 
@@ -195,6 +219,7 @@ class StepClock:
 
     def _add(self, k: int, r: float) -> None:
         self._sums = self.decay * self._sums + np.array([1, k, k * k, r, k * r])
+        self._fit: tuple[float, float] | None = None
 
     def plain(self, seconds: float) -> None:
         self.decode = seconds if self.decode is None else 0.8 * self.decode + 0.2 * seconds
@@ -205,10 +230,12 @@ class StepClock:
 
     def cost(self, ks: np.ndarray) -> np.ndarray:
         """Decode steps a step drafting each of `ks` tokens costs (k = 0: a decode step)."""
-        n, sk, skk, sr, skr = self._sums
-        det = n * skk - sk * sk
-        per_token = max((n * skr - sk * sr) / det, 0.01) if det > 1e-9 else 0.06
-        overhead = max((sr - per_token * sk) / n, 0.0)
+        if self._fit is None:
+            n, sk, skk, sr, skr = self._sums
+            det = n * skk - sk * sk
+            per_token = max((n * skr - sk * sr) / det, 0.01) if det > 1e-9 else VERIFY_COST
+            self._fit = (max((sr - per_token * sk) / n, 0.0), per_token)
+        overhead, per_token = self._fit
         return 1 + (ks > 0) * (overhead + per_token * ks)
 
 
@@ -222,7 +249,7 @@ class DraftPolicy:
 
     limit: int
     clock: StepClock
-    accepted: float = 2.0  # prior: 2 of 3 drafts accepted
+    accepted: float = 1.0  # prior: one accepted draft, one rejected
     rejected: float = 1.0
     idle: int = 0
     probe: int = 8

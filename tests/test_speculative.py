@@ -198,6 +198,12 @@ def test_prompt_lookup_drafts_what_followed_the_last_ngram():
     history = np.array([7, 1, 2, 3, 4, 5, 9, 1, 2, 3, 8, 1, 2])
     assert lookup.lookup(np.array([1, 2, 3, 4]), 3).tolist() == []  # no earlier match
     assert lookup.lookup(history, 0).tolist() == []
+    # row by row, as the text grows: the index takes each new token once
+    lookup.start([[7, 1, 2]])
+    assert lookup.propose([np.array([7, 1, 2])], [2], None)[0].tokens.tolist() == []
+    grown = np.array([7, 1, 2, 5, 6, 1, 2])
+    assert lookup.propose([grown], [2], None)[0].tokens.tolist() == [5, 6]
+    assert all(len(starts) == len(set(starts)) for starts in lookup._index[0].values())
 
 
 def test_policy_stops_drafting_when_drafts_fail_and_probes():
