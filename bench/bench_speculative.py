@@ -75,8 +75,7 @@ TASKS = {
     f"everywhere. Reply with the complete code only.\n\n```python\n{SOURCE}```",
     "free": PROMPT,
 }
-# The reference engines' speculation settings when --num-draft / --ngram are not given: the
-# starting points their documentation gives (README, "bench_speculative.py").
+# Reference engines' settings without --num-draft/--ngram: their docs' starting points (README).
 ORT_K, ORT_NGRAM = 4, 3  # onnxruntime-genai: max_draft_tokens (its default), ngram_size
 OV_K, OV_NGRAM = 5, 3  # OpenVINO GenAI: num_assistant_tokens, max_ngram_size (its sample's)
 LLMC = ["llmc", "llmc-prompt-lookup", "llmc-self-spec"]
@@ -108,7 +107,7 @@ def run_llmc(args, prompts: dict[str, list[int]]) -> dict:
     if args.engine == "llmc-prompt-lookup":
         kwargs["draft"] = "prompt-lookup"
     elif args.engine == "llmc-self-spec":
-        kwargs["draft"] = rt.load(args.draft_artifact, threads=args.threads, **options)
+        kwargs["draft"] = rt.load(args.draft_artifact, threads=args.threads, spin=False, **options)
     if "draft" in kwargs and args.num_draft:
         kwargs["num_draft"] = args.num_draft
 
@@ -368,6 +367,7 @@ def main():
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
 
 
@@ -392,7 +392,7 @@ def _ratios(engines: dict, refs: list[str]) -> dict:
 
 
 def _paired(ours: list[float], theirs: list[float]) -> float:
-    """The median of per-round ratios (zip: an engine that failed in a later round has fewer)."""
+    """The median of per-round ratios (an engine that failed in a later round has fewer)."""
     return round(statistics.median(a / b for a, b in zip(ours, theirs, strict=False)), 3)
 
 

@@ -84,7 +84,7 @@ def run(
         raise click.UsageError("--num-draft needs --draft prompt-lookup or --draft DIR.")
     gen = rt.load(artifact, threads=threads, exact=exact)
     if draft is not None and draft != "prompt-lookup":
-        draft = rt.load(draft, threads=threads, exact=exact)
+        draft = rt.load(draft, threads=threads, exact=exact, spin=False)
     for event in gen.events(
         prompt,
         chat=chat,

@@ -164,25 +164,8 @@ class Generator:
                     for b in np.flatnonzero(~rows.done):
                         stats[b].steps += 1
                     continue
-                block = np.repeat(last[:, None], 1 + max(len(d.tokens) for d in drafts), axis=1)
-                for b, d in enumerate(drafts):
-                    block[b, 1 : 1 + len(d.tokens)] = d.tokens
-                held = seq.lengths
-                logits = seq.extend(block)
-                new, accepted = [], []
-                for b, d in enumerate(drafts):
-                    kept = [] if rows.done[b] else verify_row(
-                        logits[b, : len(d.tokens) + 1], d, rows.history[b], sampler
-                    )  # fmt: skip
-                    accepted.append(max(len(kept) - 1, 0))
-                    new.append(kept)
-                    if kept:
-                        stats[b].steps += 1
-                        stats[b].drafted += len(d.tokens)
-                        stats[b].accepted += accepted[b]
-                        policies[b].update(len(d.tokens), accepted[b])
-                seq.truncate(held + 1 + np.array(accepted))
-                drafter.commit(accepted)
+                new = _verify(seq, drafts, last, rows, sampler, policies, stats)
+                drafter.commit([max(len(kept) - 1, 0) for kept in new])
                 k = max(len(d.tokens) for d in drafts)
                 clock.speculative(time.perf_counter() - started, k)
 
@@ -260,6 +243,31 @@ class Generator:
     def _budget(self, config: GenerationConfig, width: int) -> int:
         """New tokens a batch whose longest prompt has `width` tokens gets."""
         return min(config.max_new_tokens, self.model.max_context - width)
+
+
+def _verify(seq, drafts, last, rows, sampler, policies, stats) -> list[list[int]]:
+    """One speculative step: extend every row by its last token and its draft (rows with a
+    shorter draft padded with their last token), keep each row's accepted tokens and the
+    model's next one, and roll the cache back past the rest."""
+    block = np.repeat(last[:, None], 1 + max(len(d.tokens) for d in drafts), axis=1)
+    for b, d in enumerate(drafts):
+        block[b, 1 : 1 + len(d.tokens)] = d.tokens
+    held = seq.lengths
+    logits = seq.extend(block)
+    new, accepted = [], np.zeros(len(drafts), np.int64)
+    for b, d in enumerate(drafts):
+        if rows.done[b]:
+            new.append([])
+            continue
+        kept = verify_row(logits[b, : len(d.tokens) + 1], d, rows.history[b], sampler)
+        accepted[b] = len(kept) - 1
+        new.append(kept)
+        stats[b].steps += 1
+        stats[b].drafted += len(d.tokens)
+        stats[b].accepted += len(kept) - 1
+        policies[b].update(len(d.tokens), len(kept) - 1)
+    seq.truncate(held + 1 + accepted)
+    return new
 
 
 class _Rows:

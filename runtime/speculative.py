@@ -15,6 +15,7 @@ then rolls the cache back past what was rejected (`Sequence.truncate`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ NUM_DRAFT = {"prompt-lookup": 10, "model": 4}  # default most tokens drafted per
 # StepClock measures the real one): the weights are read once per step whatever its length, so
 # on a memory-bound CPU each extra position adds little.
 VERIFY_COST = 0.06
+CATCH_UP = 16  # tokens a draft model takes per step when it catches up (its decode kernels)
 
 
 @dataclass
@@ -112,7 +114,7 @@ class DraftModel:
                 "the draft artifact has another tokenizer than the model; build the draft from "
                 "the same model (llmc build --draft-layers N) or one of its family."
             )
-        self.model = generator.model
+        self.model = _quiet(generator)
         weights = sum(f.stat().st_size for f in self.model.directory.iterdir() if f.is_file())
         ours = sum(f.stat().st_size for f in target.model.directory.iterdir() if f.is_file())
         self.cost = weights / max(ours, 1)  # decode is memory-bound: cost follows the bytes
@@ -121,8 +123,14 @@ class DraftModel:
         self._base: list[int] = []
 
     def start(self, prompts: list[list[int]]) -> None:
-        self.seq.reset()
-        self._fed = None
+        """Prefill the prompts with the model's (prompt work, before the first token)."""
+        width = max(len(p) for p in prompts)
+        ids = np.zeros((len(prompts), width), np.int64)
+        mask = np.zeros_like(ids)
+        for b, prompt in enumerate(prompts):
+            ids[b, width - len(prompt) :], mask[b, width - len(prompt) :] = prompt, 1
+        self.seq.prefill(ids, mask)
+        self._fed = np.array([len(p) for p in prompts], np.int64)
 
     def propose(self, histories: list[np.ndarray], ks: list[int], sampler: Sampler) -> list[Draft]:
         room = self.model.max_context - max(len(h) for h in histories)
@@ -151,34 +159,46 @@ class DraftModel:
         ]
 
     def _catch_up(self, histories: list[np.ndarray]) -> np.ndarray:
-        """Feed each row what the draft has not seen; the logits after its last token [B, V]."""
-        if self._fed is None:  # the first step: prefill the prompts and the first token
-            width = max(len(h) for h in histories)
-            ids = np.zeros((len(histories), width), np.int64)
-            mask = np.zeros_like(ids)
-            for b, h in enumerate(histories):
-                ids[b, width - len(h) :], mask[b, width - len(h) :] = h, 1
-            self._fed = np.array([len(h) for h in histories], np.int64)
-            return self.seq.prefill(ids, mask)
+        """Feed each row what the draft has not seen; the logits after its last token [B, V].
+        Rows with as many tokens to feed (one row: always) go in steps short enough for the
+        decode kernels, computing only the last position's logits."""
         missing = [h[f:] for h, f in zip(histories, self._fed, strict=True)]
         counts = np.array([len(m) for m in missing])
         width = max(counts)
         # a finished row has nothing new: it repeats its last token, which is then cut again
         rows = [np.pad(m if len(m) else h[-1:], (0, width - max(len(m), 1)), mode="edge")
                 for m, h in zip(missing, histories, strict=True)]  # fmt: skip
-        logits = self.seq.extend(np.stack(rows))
-        last = logits[np.arange(len(missing)), np.maximum(counts - 1, 0)]
+        if (counts == width).all():
+            block = np.stack(rows)
+            for at in range(0, width, CATCH_UP):
+                last = self.seq.extend(block[:, at : at + CATCH_UP], last_only=True)[:, -1]
+        else:
+            logits = self.seq.extend(np.stack(rows))
+            last = logits[np.arange(len(missing)), np.maximum(counts - 1, 0)]
         self._fed = self._fed + counts
         self.seq.truncate(self._fed)
         return last
 
     def commit(self, accepted: list[int]) -> None:
         """The target kept `accepted[b]` drafted tokens: forget the draft's later ones."""
-        if self._fed is None or not self._base:
+        if not self._base:
             return
         keep = np.minimum(self._fed, np.array(self._base) + np.array(accepted))
         self.seq.truncate(keep)
         self._fed = keep
+
+
+def _quiet(generator):
+    """The generator's model with idle threads that do not spin (SessionOptions.spin), opened
+    again once per generator if it spins."""
+    model = generator.model
+    if model.spins and model.options.spin:
+        if getattr(generator, "_draft_model", None) is None:
+            options = {**dataclasses.asdict(model.options), "spin": False}
+            manifest = generator.manifest
+            generator._draft_model = type(model).open(model.directory, manifest, **options)
+        model = generator._draft_model
+    return model
 
 
 def drafter_for(draft, target, num_draft: int | None):

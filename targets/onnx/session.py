@@ -46,7 +46,12 @@ SHORT_EXTEND = 16
 
 
 def _open(
-    directory, manifest: dict, threads: int | None, accuracy_level: int | None = None, rescore=False
+    directory,
+    manifest: dict,
+    threads: int | None,
+    accuracy_level: int | None = None,
+    rescore=False,
+    spin: bool = True,
 ):
     """An onnxruntime session and its lm_head rescorer (or None). `accuracy_level` overrides
     every MatMulNBits' (0: dequantize the weights and multiply in fp32, exactly what the llmc op
@@ -63,6 +68,8 @@ def _open(
     # arithmetic, other summation order) and the fast MatMulNBits kernels a VNNI or AMX path;
     # the build records their distance from the exact ones with the CPU it ran on.
     opts.add_session_config_entry("session.set_denormal_as_zero", "0")
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     path = Path(directory) / manifest["target"]["files"]["model"]
     providers = ["CPUExecutionProvider"]
     if accuracy_level is None and not rescore:
@@ -90,14 +97,17 @@ class Model(BaseModel):
     to int8 (onnxruntime's fast kernels) and only prompts run exactly (faster for many rows, and
     their logits are the exact ones)."""
 
+    spins = True
+
     def __init__(self, directory, manifest: dict, options: SessionOptions | None = None):
         super().__init__(directory, manifest, options)
         threads, exact = self.options.threads, self.options.exact
         quantized = bool(manifest.get("quantization"))
         fast = quantized and not exact
         self.fast_kernels = FAST_KERNELS if fast else None
+        spin = self.options.spin
         self.decode_session, self.rescore = _open(
-            directory, manifest, threads, 0 if exact and quantized else None, rescore=fast
+            directory, manifest, threads, 0 if exact and quantized else None, fast, spin
         )
         self.prefill_session = self.decode_session
         self.chunk = EXACT_PREFILL_CHUNK if quantized else PREFILL_CHUNK
@@ -106,7 +116,7 @@ class Model(BaseModel):
         # that scratch (four int8 SmolLM2 prompts at once: peak RSS 1.56x one's, 1.0x in turn).
         self.exact_steps = threading.Lock() if quantized else contextlib.nullcontext()
         if fast:
-            self.prefill_session, _ = _open(directory, manifest, threads, accuracy_level=0)
+            self.prefill_session, _ = _open(directory, manifest, threads, 0, spin=spin)
         self.inputs = {i.name for i in self.decode_session.get_inputs()}
         self.last_only = self.io.logits is Logits.LAST  # artifacts from before logits_index
 
@@ -198,6 +208,7 @@ class SharedKVSequence(Sequence):
         self._buffers: list[np.ndarray] = []
         self._held: np.ndarray | None = None  # tokens in the cache, per row
         self._decode_binding: _Bound | None = None  # reused by every decode step
+        self._bound: dict[tuple, _Bound] = {}  # short extend steps' bindings, by row and length
 
     @property
     def capacity(self) -> int:
@@ -267,6 +278,7 @@ class SharedKVSequence(Sequence):
         for new, previous in zip(self._buffers, old, strict=False):
             new[:, :, : previous.shape[2]] = previous
         self._decode_binding = None
+        self._bound.clear()
         return True
 
     def _bind_arrays(self, binding, rows: slice) -> None:
@@ -286,15 +298,23 @@ class SharedKVSequence(Sequence):
         """One step of `ids` [1, S] of row `row` after `start` cached tokens -> logits
         [1, 1 or S, V]."""
         s = ids.shape[1]
-        positions = start + np.arange(s, dtype=np.int64)[None]
-        seqlens = np.array([start + s - 1], np.int32)
-        index = np.array([s - 1], np.int64) if last_only else np.arange(s, dtype=np.int64)
-        ids = np.ascontiguousarray(ids)
-        bound = self._binding(sess, ids, positions, seqlens, index, slice(row, row + 1), rescore)
+        key = (row, s, last_only, sess is self.model.decode_session)
+        bound = self._bound.get(key)  # a short step's binding is kept and refilled
+        if bound is None:
+            positions, seqlens = np.zeros((1, s), np.int64), np.zeros(1, np.int32)
+            index = np.array([s - 1], np.int64) if last_only else np.arange(s, dtype=np.int64)
+            ids_in = np.zeros((1, s), np.int64)
+            rows = slice(row, row + 1)
+            bound = self._binding(sess, ids_in, positions, seqlens, index, rows, rescore)
+            if s <= SHORT_EXTEND:
+                self._bound[key] = bound
+        bound.ids[:] = ids
+        bound.positions[0] = start + np.arange(s)
+        bound.seqlens[0] = start + s - 1
         self.model.run(sess, bound.binding)
         if rescore:
             _rescore(rescore, bound.logits, bound.hidden)
-        return bound.logits[:, -1:] if last_only else bound.logits
+        return (bound.logits[:, -1:] if last_only else bound.logits).copy()
 
     def _bind_decode(self, batch: int):
         """The decode binding: its inputs are arrays the caller fills in place each step."""
