@@ -264,8 +264,8 @@ class DraftPolicy:
     """How many tokens to draft for one row: the k that maximizes the expected tokens per unit
     of time, from an estimate of the per-token acceptance rate (decayed counts of accepted and
     rejected drafts) and the measured step costs (StepClock). When no k beats plain decoding,
-    the row decodes plainly and drafts one token after `probe` steps to keep the estimate
-    current; each probe that fails doubles the wait (up to 64 steps)."""
+    the row decodes plainly and drafts one token after `probe` steps times what such a step
+    costs, to keep the estimate current; each probe that fails doubles the wait (up to 64)."""
 
     limit: int
     clock: StepClock
@@ -285,7 +285,7 @@ class DraftPolicy:
         k = int(np.argmax((1 - a ** (ks + 1)) / (1 - a) / self.clock.cost(ks)))
         if k == 0:
             self.idle += 1
-            if self.idle >= self.probe:
+            if self.idle >= self.probe * self.clock.cost(np.array([1]))[0]:  # dearer: rarer
                 self.idle, k = 0, 1
         return k
 
