@@ -54,7 +54,7 @@ EXACT = click.option(
 )
 @click.option(
     "--num-draft",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, 15),
     help="Most tokens drafted per step (adapted to the acceptance rate) [default: 10 for "
     "prompt-lookup, 4 for a draft artifact].",
 )

@@ -153,6 +153,8 @@ class Generator:
                 room = self.model.max_context - int(seq.lengths.max()) - 1
                 ks = [0 if rows.done[b] else min(p.choose(), rows.left(b) - 1, room)
                       for b, p in enumerate(policies)]  # fmt: skip
+                if clock and clock.uncalibrated():
+                    ks = [0] * batch  # a plain step now and then until the clock has its unit
                 started = time.perf_counter()
                 drafts = drafter.propose(rows.history, ks, sampler) if any(ks) else []
                 if not any(len(d.tokens) for d in drafts):
@@ -163,6 +165,8 @@ class Generator:
                     new = [[] if d else [t] for d, t in zip(rows.done, picked, strict=True)]
                     for b in np.flatnonzero(~rows.done):
                         stats[b].steps += 1
+                    if drafter and rows.done.any():  # finished rows must not outgrow the rest
+                        seq.truncate(seq.lengths - rows.done)
                     continue
                 new = _verify(seq, drafts, last, rows, sampler, policies, stats)
                 drafter.commit([max(len(kept) - 1, 0) for kept in new])
@@ -260,13 +264,15 @@ def _verify(seq, drafts, last, rows, sampler, policies, stats) -> list[list[int]
             new.append([])
             continue
         kept = verify_row(logits[b, : len(d.tokens) + 1], d, rows.history[b], sampler)
+        ends = [i for i, token in enumerate(kept) if token in rows.eos]
+        kept = kept[: ends[0] + 1] if ends else kept  # nothing after an end of sequence
         accepted[b] = len(kept) - 1
         new.append(kept)
         stats[b].steps += 1
         stats[b].drafted += len(d.tokens)
         stats[b].accepted += len(kept) - 1
         policies[b].update(len(d.tokens), len(kept) - 1)
-    seq.truncate(held + 1 + accepted)
+    seq.truncate(np.where(rows.done, held, held + 1 + accepted))  # finished rows: no growth
     return new
 
 

@@ -29,6 +29,7 @@ NUM_DRAFT = {"prompt-lookup": 10, "model": 4}  # default most tokens drafted per
 # on a memory-bound CPU each extra position adds little.
 VERIFY_COST = 0.06
 CATCH_UP = 16  # tokens a draft model takes per step when it catches up (its decode kernels)
+MAX_DRAFT = 15  # a verification step of 16 tokens at most runs on the decode kernels
 
 
 @dataclass
@@ -120,11 +121,16 @@ class DraftModel:
         self.cost = weights / max(ours, 1)  # decode is memory-bound: cost follows the bytes
         self.seq = self.model.sequence()
         self._fed: np.ndarray | None = None  # tokens of each row in the draft's cache
+        self._off = False  # the prompts do not fit the draft's context
         self._base: list[int] = []
 
     def start(self, prompts: list[list[int]]) -> None:
-        """Prefill the prompts with the model's (prompt work, before the first token)."""
+        """Prefill the prompts with the model's (prompt work, before the first token); a draft
+        whose context cannot hold them drafts nothing."""
         width = max(len(p) for p in prompts)
+        self._off = width >= self.model.max_context
+        if self._off:
+            return
         ids = np.zeros((len(prompts), width), np.int64)
         mask = np.zeros_like(ids)
         for b, prompt in enumerate(prompts):
@@ -133,7 +139,11 @@ class DraftModel:
         self._fed = np.array([len(p) for p in prompts], np.int64)
 
     def propose(self, histories: list[np.ndarray], ks: list[int], sampler: Sampler) -> list[Draft]:
-        room = self.model.max_context - max(len(h) for h in histories)
+        if self._off:
+            return [Draft(np.zeros(0, np.int64)) for _ in histories]
+        behind = max(len(h) - f for h, f in zip(histories, self._fed, strict=True))
+        reach = int(self._fed.max()) + behind  # the catch-up pads every row to the same length
+        room = self.model.max_context - max(reach, max(len(h) for h in histories))
         k = min(max(ks), room)
         self._base = [len(h) for h in histories]
         if k <= 0:
@@ -181,7 +191,7 @@ class DraftModel:
 
     def commit(self, accepted: list[int]) -> None:
         """The target kept `accepted[b]` drafted tokens: forget the draft's later ones."""
-        if not self._base:
+        if not self._base or self._off:
             return
         keep = np.minimum(self._fed, np.array(self._base) + np.array(accepted))
         self.seq.truncate(keep)
@@ -216,8 +226,15 @@ def drafter_for(draft, target, num_draft: int | None):
         drafter, default = draft, NUM_DRAFT["model"]  # a drafter of the caller's (as above)
     else:
         raise LlmcError("draft must be 'prompt-lookup' or a generator from rt.load(DRAFT_DIR).")
-    if num_draft is not None and num_draft < 1:
-        raise LlmcError("num_draft must be at least 1.")
+    if num_draft is not None and not 1 <= num_draft <= MAX_DRAFT:
+        raise LlmcError(
+            f"num_draft must be from 1 to {MAX_DRAFT} (longer steps leave the decode kernels)."
+        )
+    if getattr(target.model, "last_only", False):
+        raise LlmcError(
+            f"{target.model.directory} returns logits for the last position only (an older "
+            "build); rebuild it for speculative decoding."
+        )
     return drafter, num_draft or default
 
 
@@ -232,6 +249,7 @@ class StepClock:
 
     def __init__(self, per_token: float, overhead: float = 0.1, decay: float = 0.9):
         self.decode: float | None = None  # seconds, decayed average
+        self._blind = 0  # speculative steps taken before any decode step was timed
         self.decay = decay
         self._sums = np.zeros(5)  # weight, sum k, sum k^2, sum r, sum k r
         for k in (1, 8):
@@ -247,6 +265,12 @@ class StepClock:
     def speculative(self, seconds: float, k: int) -> None:
         if self.decode:
             self._add(k, seconds / self.decode - 1)
+        else:
+            self._blind += 1
+
+    def uncalibrated(self) -> bool:
+        """Whether a plain step is due: no decode step has been timed after 4 verifications."""
+        return self.decode is None and self._blind >= 4
 
     def cost(self, ks: np.ndarray) -> np.ndarray:
         """Decode steps a step drafting each of `ks` tokens costs (k = 0: a decode step)."""

@@ -260,3 +260,17 @@ def test_draft_layers_build_and_cli(tiny_artifact, tmp_path):
     assert DraftModel(spinning, rt.load(full)).model.options.spin is False
     quiet = rt.load(draft, spin=False)
     assert DraftModel(quiet, rt.load(full)).model is quiet.model
+
+
+def test_batched_speculation_at_the_context_limit(tiny_artifact, monkeypatch):
+    """A row that finishes early (its budget, drafted quickly) must not grow its cache while a
+    slower row goes on: the batch reaches the context's end without an error, as plainly."""
+    gen = rt.load(tiny_artifact("llama", max_context=64))
+    prompts = [(IDS * 3)[:40], IDS[:5]]
+    plain = gen.generate_batch(prompts, max_new_tokens=100, ignore_eos=True)
+    monkeypatch.setattr(DraftPolicy, "choose", lambda self: self.limit)
+    for draft in ("prompt-lookup", gen):
+        got = gen.generate_batch(prompts, max_new_tokens=100, ignore_eos=True, draft=draft)
+        assert got == plain
+    with pytest.raises(LlmcError, match="num_draft must be from 1 to 15"):
+        gen.generate("Hi", draft="prompt-lookup", num_draft=16)

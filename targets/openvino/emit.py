@@ -163,6 +163,18 @@ def _stateful_io(graph: Graph, saved):
     return io.without_inputs(set(io.inputs) - got)
 
 
+def _largest_window(graph: Graph) -> int:
+    """The widest sliding attention window of the graph's llmc attention ops (0: none)."""
+    import torch
+
+    from llmc.compiler.op_args import AttentionCall
+    from llmc.passes._util import is_call
+
+    attention = torch.ops.llmc.attention.default
+    calls = [AttentionCall.from_node(n) for n in graph.fx.nodes if is_call(n, attention)]
+    return max((c.window for c in calls), default=0)
+
+
 def emit(graph: Graph, out_dir: Path, options) -> EmitResult:
     import openvino as ov
 
@@ -196,6 +208,7 @@ def emit(graph: Graph, out_dir: Path, options) -> EmitResult:
             "precision": options.precision,  # verification still runs at f32
             "fused_ops": fused,
             "weights": WEIGHTS_FILE,
+            "sliding_window": _largest_window(graph),  # the runtime keeps no masked holes then
             **({"dynamic_quantization": _integer_zero_points(graph)} if graph.quantization else {}),
         },
     )

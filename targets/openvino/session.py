@@ -164,6 +164,8 @@ class Model(BaseModel):
         self._properties = compile_properties(self.precision, threads, self.dynamic_quantization)
         self.compiled = self._compile(self._model)
         self.inputs = {p.get_any_name() for p in self.compiled.inputs}
+        # older artifacts do not say: assume a window, so that rollbacks compact at once
+        self.sliding_window = int(target.get("sliding_window", 1))
         if static_decode is None:
             static_decode = static_decode_fits(xml.with_suffix(".bin").stat().st_size)
         self.static_decode = static_decode
@@ -244,8 +246,9 @@ class Sequence(BaseSequence):
         add up (reading and writing it costs about 7 ms for 600 SmolLM2 positions, half a
         decode step)."""
         self._positions.truncate(lengths, drop=False)
-        if self._positions.length - int(lengths.max()) >= HOLES:
-            self._compact()
+        removable = int((~self._positions.mask.any(axis=0)).sum())
+        if removable >= (1 if self.model.sliding_window else HOLES):
+            self._compact()  # a sliding window counts columns: it must see no holes
 
     def _compact(self) -> None:
         import openvino as ov
