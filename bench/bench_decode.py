@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from reference_envs import ov_env, ov_model, reference_env, reference_model
+from reference_envs import ov_env, ov_model, ov_stamps, reference_env, reference_model
 
 PROMPT = "Write a long story about a lighthouse keeper."
 NEW_TOKENS = 128
@@ -181,20 +181,6 @@ def run_ov_genai(model_dir: str, artifact: str, threads: int, runs: int, hint: s
     pipe = ov_genai.LLMPipeline(model_dir, "CPU", **props)
     ids, long_ids = _prompts(artifact)
 
-    class Stamps(ov_genai.StreamerBase):
-        def __init__(self):
-            super().__init__()
-            self.times, self.tokens = [], []
-
-        def write(self, token):
-            for t in token if isinstance(token, list) else [token]:
-                self.times.append(time.perf_counter())
-                self.tokens.append(int(t))
-            return ov_genai.StreamingStatus.RUNNING
-
-        def end(self):
-            pass
-
     def timed(prompt_ids, n):
         import openvino as ov
 
@@ -203,7 +189,7 @@ def run_ov_genai(model_dir: str, artifact: str, threads: int, runs: int, hint: s
         config.ignore_eos, config.do_sample = True, False
         tensor = ov.Tensor(np.array([prompt_ids], np.int64))
         mask = ov.Tensor(np.ones((1, len(prompt_ids)), np.int64))
-        stamps = Stamps()
+        stamps = ov_stamps(ov_genai)
         start = time.perf_counter()
         pipe.generate(ov_genai.TokenizedInputs(tensor, mask), config, stamps)
         return start, stamps.times, stamps.tokens

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from bench_decode import NEW_TOKENS, PROMPT, ROOT, _peak_rss_mb, _same_prefix
-from reference_envs import ov_env, ov_model, reference_env, reference_model
+from reference_envs import ov_env, ov_model, ov_stamps, reference_env, reference_model
 
 SOURCE = '''\
 class LRUCache:
@@ -181,20 +181,6 @@ def run_ov_genai(args, prompts: dict[str, list[int]]) -> dict:
     pipe = ov_genai.LLMPipeline(args.ref_model, "CPU", **props)
     k, n = args.num_draft or OV_K, args.ngram or OV_NGRAM
 
-    class Stamps(ov_genai.StreamerBase):
-        def __init__(self):
-            super().__init__()
-            self.times, self.tokens = [], []
-
-        def write(self, token):  # with prompt lookup, a step's tokens come as one list
-            for t in token if isinstance(token, list) else [token]:
-                self.times.append(time.perf_counter())
-                self.tokens.append(int(t))
-            return ov_genai.StreamingStatus.RUNNING
-
-        def end(self):
-            pass
-
     def timed(ids):
         config = ov_genai.GenerationConfig()
         config.max_new_tokens = config.min_new_tokens = NEW_TOKENS
@@ -203,7 +189,7 @@ def run_ov_genai(args, prompts: dict[str, list[int]]) -> dict:
             config.num_assistant_tokens, config.max_ngram_size = k, n
         x = np.array([ids], np.int64)
         inputs = ov_genai.TokenizedInputs(ov.Tensor(x), ov.Tensor(np.ones_like(x)))
-        stamps = Stamps()
+        stamps = ov_stamps(ov_genai)
         result = pipe.generate(inputs, config, stamps)
         # tokens per model step (the first: the prefill's)
         sizes = list(result.perf_metrics.raw_metrics.m_batch_sizes)

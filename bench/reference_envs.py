@@ -1,4 +1,5 @@
-"""The reference engines' environments and models for bench_decode.py.
+"""The reference engines' environments and models for the benches, and a timing streamer for
+OpenVINO GenAI.
 
 onnxruntime-genai (bench/.venv-ref) and OpenVINO GenAI with optimum-intel (bench/.venv-ov) live in
 venvs layered over the project's .venv, created on first use, so the project never depends on
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,3 +132,24 @@ def reference_model(python: Path, precision: str) -> Path:
         capture_output=True,
     )
     return out
+
+
+def ov_stamps(ov_genai):
+    """An OpenVINO GenAI streamer that times each token (with prompt lookup a step's tokens
+    arrive as one list); ov_genai is imported by the caller, in the bench's OpenVINO venv."""
+
+    class Stamps(ov_genai.StreamerBase):
+        def __init__(self):
+            super().__init__()
+            self.times, self.tokens = [], []
+
+        def write(self, token):
+            for t in token if isinstance(token, list) else [token]:
+                self.times.append(time.perf_counter())
+                self.tokens.append(int(t))
+            return ov_genai.StreamingStatus.RUNNING
+
+        def end(self):
+            pass
+
+    return Stamps()

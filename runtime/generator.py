@@ -150,11 +150,11 @@ class Generator:
                     return
                 last = np.array([h[-1] for h in rows.history])
                 last[rows.done] = pad
-                room = self.model.max_context - int(seq.lengths.max()) - 1
-                ks = [0 if rows.done[b] else min(p.choose(), rows.left(b) - 1, room)
-                      for b, p in enumerate(policies)]  # fmt: skip
-                if clock and clock.uncalibrated():
-                    ks = [0] * batch  # a plain step now and then until the clock has its unit
+                ks = []  # tokens to draft per row (none without a drafter)
+                if drafter and not clock.uncalibrated():  # else a plain step: the clock's unit
+                    room = self.model.max_context - int(seq.lengths.max()) - 1
+                    ks = [0 if rows.done[b] else min(p.choose(), rows.left(b) - 1, room)
+                          for b, p in enumerate(policies)]  # fmt: skip
                 started = time.perf_counter()
                 drafts = drafter.propose(rows.history, ks, sampler) if any(ks) else []
                 if not any(len(d.tokens) for d in drafts):
