@@ -12,7 +12,9 @@ from pathlib import Path
 
 import click
 
+from llmc.cli_bench import bench
 from llmc.cli_run import evaluate, run
+from llmc.cli_serve import serve
 from llmc.config import BuildConfig
 from llmc.errors import LlmcError, QualityGateError, VerificationError
 from llmc.interrupts import CtrlC
@@ -79,6 +81,8 @@ def cli(debug: bool):
       llmc run ARTIFACT "prompt"            generate text (streams to stdout)
       llmc inspect ARTIFACT                 manifest, op histogram, pass reports
       llmc eval ARTIFACT --perplexity FILE  perplexity on a text (strided windows)
+      llmc serve ARTIFACT                   OpenAI-compatible server (continuous batching)
+      llmc bench ARTIFACT... [--url URL]    speed table and plot, artifacts and servers
     """
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
@@ -301,6 +305,8 @@ def targets():
 
 cli.add_command(run)
 cli.add_command(evaluate)
+cli.add_command(serve)
+cli.add_command(bench)
 
 
 def main():

@@ -10,6 +10,9 @@ import click
 
 from llmc.config import BuildConfig
 
+THREADS = click.option(
+    "--threads", type=click.IntRange(min=1), help="Intra-op threads (default: all cores)."
+)
 EXACT = click.option(
     "--exact",
     is_flag=True,
@@ -42,9 +45,7 @@ EXACT = click.option(
 )
 @click.option("--seed", type=int, help="Seed for sampling (reproducible output).")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
-@click.option(
-    "--threads", type=click.IntRange(min=1), help="Intra-op threads (default: all cores)."
-)
+@THREADS
 @click.option(
     "--draft",
     metavar="prompt-lookup|DIR",
@@ -134,7 +135,7 @@ def run(
     type=click.IntRange(min=0),
     help="Score the text's first N tokens (0: all of it).",
 )
-@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads.")
+@THREADS
 @EXACT
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate(artifact, text, window, stride, max_tokens, threads, exact, as_json):

@@ -194,37 +194,17 @@ class Generator:
         config = _config(**kwargs)
         encoded = [self.encode(p, chat) for p in prompts]
         drafter, limit = drafter_for(draft, self, num_draft) if draft is not None else (None, 0)
-        detoks = [Detokenizer(self.tokenizer, list(config.stop)) for _ in prompts]
-        eos = set() if config.ignore_eos else set(self.tokenizer.eos_token_ids)
         budget = self._budget(config, max(len(p) for p in encoded))
-        stats = [RowStats() for _ in prompts]
-        produced = [0] * len(prompts)
-        finished = [False] * len(prompts)
+        streams = [TextStream(self.tokenizer, config, len(p), budget) for p in encoded]
+        stats = [s.stats for s in streams]
         for new in self.token_steps(encoded, config, drafter, limit, stats):
             for i in range(max(len(tokens) for tokens in new)):
                 events: list[StepEvent | None] = [None] * len(prompts)
                 for row, tokens in enumerate(new):
-                    if finished[row] or i >= len(tokens):
-                        continue
-                    token, detok = tokens[i], detoks[row]
-                    produced[row] += 1
-                    if token in eos:
-                        text, reason = detok.flush(), "eos"
-                    else:
-                        text = detok.push(token)
-                        reason = "stop" if detok.stopped else None
-                        if reason is None and produced[row] == budget:
-                            text, reason = text + detok.flush(), "length"
-                    usage = None
-                    if reason:
-                        s = stats[row]
-                        usage = Usage(
-                            len(encoded[row]), produced[row], s.steps, s.drafted, s.accepted
-                        )
-                    events[row] = StepEvent(token, text, reason, usage)
-                    finished[row] = reason is not None
+                    if not streams[row].finished and i < len(tokens):
+                        events[row] = streams[row].push(tokens[i])
                 yield events
-                if all(finished):
+                if all(s.finished for s in streams):
                     return
 
     def stream(self, prompt: Prompt, chat: bool = False, **kwargs) -> Iterator[str]:
@@ -247,6 +227,35 @@ class Generator:
     def _budget(self, config: GenerationConfig, width: int) -> int:
         """New tokens a batch whose longest prompt has `width` tokens gets."""
         return min(config.max_new_tokens, self.model.max_context - width)
+
+
+class TextStream:
+    """One row's tokens turned into its step events: incremental text, the end at an
+    end-of-sequence token, a stop string or its budget of new tokens, and the usage counts."""
+
+    def __init__(self, tokenizer: Tokenizer, config: GenerationConfig, prompt: int, budget: int):
+        self.detok = Detokenizer(tokenizer, list(config.stop))
+        self.eos = set() if config.ignore_eos else set(tokenizer.eos_token_ids)
+        self.prompt, self.budget = prompt, budget
+        self.produced = 0
+        self.finished = False
+        self.stats = RowStats()
+
+    def push(self, token: int) -> StepEvent:
+        self.produced += 1
+        if token in self.eos:
+            text, reason = self.detok.flush(), "eos"
+        else:
+            text = self.detok.push(token)
+            reason = "stop" if self.detok.stopped else None
+            if reason is None and self.produced >= self.budget:
+                text, reason = text + self.detok.flush(), "length"
+        self.finished = reason is not None
+        return StepEvent(token, text, reason, self.usage() if reason else None)
+
+    def usage(self) -> Usage:
+        s = self.stats
+        return Usage(self.prompt, self.produced, s.steps, s.drafted, s.accepted)
 
 
 def _verify(seq, drafts, last, rows, sampler, policies, stats) -> list[list[int]]:

@@ -71,6 +71,10 @@ class Model(ABC):
     def sequence(self) -> Sequence:
         """A new, empty sequence (batch of rows) on this model."""
 
+    def prepare_batching(self) -> None:  # noqa: B027 (optional: most targets need nothing)
+        """Get ready for a batch whose rows come and go (compile what its steps need now, not
+        on the first step a client waits for)."""
+
 
 class Sequence(ABC):
     """One batch of rows on a loaded model, with its own KV cache: prefill a prompt batch, then
@@ -138,6 +142,41 @@ class Sequence(ABC):
         if (lengths < held).any():
             self._truncate(lengths)
 
+    def add(self, prompts) -> np.ndarray:
+        """Prefill new rows (one list of token ids each) after the live ones, which keep their
+        caches: continuous batching, where requests join a running batch between steps ->
+        logits of each new row's last position [n, V]. The new rows come last, in order."""
+        rows = [self._check_ids(np.asarray(p).reshape(1, -1))[0] for p in prompts]
+        if not rows:
+            raise SessionError("add() takes at least one prompt.")
+        if self._rows is None:
+            ids, mask = left_pad(rows)
+            return self.prefill(ids, mask)
+        logits = self._add(rows)
+        self._rows += len(rows)
+        return logits
+
+    def remove(self, rows) -> None:
+        """Drop rows (indices into the live batch) and free their cache; the rows after them
+        move up, in order. Removing every row resets the sequence."""
+        if self._rows is None:
+            raise SessionError("remove() needs live rows; there are none.")
+        drop = np.unique(np.asarray(rows, dtype=np.int64).reshape(-1))
+        if drop.size and (drop.min() < 0 or drop.max() >= self._rows):
+            raise SessionError(f"remove() takes rows 0 to {self._rows - 1}; got {drop.tolist()}.")
+        keep = np.setdiff1d(np.arange(self._rows), drop)
+        if keep.size == 0:
+            self.reset()
+            self._release()
+        elif keep.size < self._rows:
+            self._remove(keep)
+            self._rows = int(keep.size)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of KV cache this sequence holds now (what is allocated, padding included)."""
+        return 0 if self._rows is None else self._kv_bytes()
+
     def score(self, ids) -> np.ndarray:
         """ids [S] of one sequence, on a fresh cache -> logits at every position [S, V]
         (perplexity). The cache is left holding the sequence."""
@@ -163,6 +202,20 @@ class Sequence(ABC):
 
     @abstractmethod
     def _lengths(self) -> np.ndarray: ...
+
+    @abstractmethod
+    def _add(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Prefill `rows` (token ids [S_i] each) as new rows after the live ones -> [n, V]."""
+
+    @abstractmethod
+    def _remove(self, keep: np.ndarray) -> None:
+        """Keep only rows `keep` (sorted indices, at least one), in that order."""
+
+    @abstractmethod
+    def _kv_bytes(self) -> int: ...
+
+    def _release(self) -> None:  # noqa: B027 (optional: most targets hold nothing more)
+        """Free what a reset sequence still holds for reuse (its rows all left)."""
 
     # -- input checks ------------------------------------------------------------------------
     def _check_live(self, ids, call: str) -> np.ndarray:
@@ -201,6 +254,71 @@ class Sequence(ABC):
         if not mask.any(axis=1).all():
             raise SessionError("every row of a prefill needs at least one unmasked token.")
         return mask.astype(np.int64)
+
+
+def left_pad(rows: list[np.ndarray], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of token ids as one left-padded batch: (ids [B, S], mask [B, S])."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row) :], mask[b, width - len(row) :] = row, 1
+    return ids, mask
+
+
+class PaddedRows:
+    """Continuous batching for a sequence whose cache is one [B, KV heads, T, head dim] tensor
+    per name with a PositionTracker mask (a left-padded batch): new rows are prefilled on a
+    helper sequence of the same model and joined to the batch, left-padded to a common length;
+    removed rows are cut out with the columns no row keeps any more. A target mixes it in and
+    gives `_states()` (name -> array) and `_load_states(states)`."""
+
+    _positions: PositionTracker
+    _joiner: Sequence | None = None
+
+    def _add(self, rows: list[np.ndarray]) -> np.ndarray:
+        if self._joiner is None:
+            self._joiner = self.model.sequence()
+        joiner = self._joiner
+        logits = joiner.prefill(*left_pad(rows))
+        mine, theirs = self._positions.mask, joiner._positions.mask
+        width = max(mine.shape[1], theirs.shape[1])
+        ours, new = self._states(), joiner._states()
+        states = {n: _join(ours[n], new[n], width, 2) for n in ours}
+        self._positions.mask = _join(mine, theirs, width, 1)
+        joiner.reset()
+        self._load_states(states)
+        return logits
+
+    def _kv_bytes(self) -> int:
+        return self._positions.mask.size * token_bytes(self.model.io.cache)
+
+    def _remove(self, keep: np.ndarray) -> None:
+        self._positions.mask = self._positions.mask[keep]
+        columns = self._positions.compact()
+        self._load_states(
+            {n: np.ascontiguousarray(s[keep][:, :, columns]) for n, s in self._states().items()}
+        )
+
+
+def token_bytes(cache) -> int:
+    """Bytes one position of one row takes in the KV cache (every layer's key and value)."""
+    return 2 * cache.layers * cache.kv_heads * cache.head_dim * np.dtype(cache.dtype).itemsize
+
+
+def _join(first: np.ndarray, second: np.ndarray, width: int, axis: int) -> np.ndarray:
+    """Two batches stacked, each left-padded with zeros along `axis` to `width`."""
+    return np.concatenate([_pad_left(first, width, axis), _pad_left(second, width, axis)])
+
+
+def _pad_left(array: np.ndarray, width: int, axis: int = 2) -> np.ndarray:
+    """Zeros before `array` along `axis` up to `width` (a cache's time axis, or a mask's)."""
+    missing = width - array.shape[axis]
+    if missing == 0:
+        return array
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (missing, 0)
+    return np.pad(array, pad)
 
 
 def check_context(needed: int, max_context: int) -> None:

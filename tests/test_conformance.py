@@ -1,6 +1,7 @@
 """Target conformance: every ready target of the registry, each KV-cache variant it registers,
 every tiny family at fp32 and a spread of families at int8 and int4. Build, parity with PyTorch,
-32 greedy tokens against transformers, a batch equal to its rows, perplexity close to PyTorch's,
+32 greedy tokens against transformers, a batch equal to its rows, rows joining and leaving a
+running batch, perplexity close to PyTorch's,
 and clear errors for bad use. A new target joins by being registered (targets/__init__.py),
 not by copying a test file."""
 
@@ -17,6 +18,7 @@ from llmc.errors import ContextLengthError, SessionError
 from llmc.evaluate import TorchScorer, evaluate_session
 from llmc.targets import TARGETS
 from tests.conftest import TINY_ARCHS
+from tests.test_batching import check_join_and_leave
 from tests.test_speculative import IDS, check_extend_and_truncate, check_speculative_greedy
 from tests.test_tiny_end_to_end import PROMPT, check_batch_equals_rows, hf_greedy
 
@@ -87,6 +89,7 @@ def test_fp32_family(arch, target, mode, passes, tiny_artifact, tiny_model, monk
     usage = check_speculative_greedy(gen, ids, None, monkeypatch)  # drafts partly wrong
     assert 0 < usage.accepted < usage.drafted
     assert check_speculative_greedy(gen, ids, gen, monkeypatch).accepted > 0  # its own draft
+    check_join_and_leave(gen)  # continuous batching: rows join and leave a running batch
     ours, reference = _perplexities(gen, model, tokenizer)
     assert abs(ours / reference - 1) <= 1e-5
 

@@ -168,3 +168,20 @@ def test_four_concurrent_sequences_share_one_copy_of_the_weights(smollm2):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["same"] and result["sequences"] == 4
     assert result["four"] <= 1.3 * result["one"], result
+
+
+def test_served_with_the_openai_client(smollm2):
+    """`llmc serve` on the real model: a chat answer through the official client, and a client
+    that leaves mid-stream cancelled with its cache freed."""
+    from tests.test_serve import NAME, check_client_that_leaves_is_cancelled, client, server
+
+    with server(smollm2, "--threads", "2") as (url, _):
+        r = client(url).chat.completions.create(
+            model=NAME,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=32,
+            temperature=0,
+        )
+        assert "Paris" in r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 32
+        check_client_that_leaves_is_cancelled(url, NAME)

@@ -27,7 +27,14 @@ import numpy as np
 from llmc.contract import KVMode, Logits
 from llmc.errors import SessionError
 from llmc.runtime.session import Model as BaseModel
-from llmc.runtime.session import PositionTracker, Sequence, SessionOptions, check_context
+from llmc.runtime.session import (
+    PaddedRows,
+    PositionTracker,
+    Sequence,
+    SessionOptions,
+    check_context,
+    token_bytes,
+)
 from llmc.targets.base import step_feeds
 from llmc.targets.onnx.rescore import LmHeadRescorer
 
@@ -43,6 +50,11 @@ FAST_KERNELS = "MatMulNBits accuracy level 4: int8 activations on decode steps, 
 # Extend steps of at most this many tokens on a live cache (verifying drafted tokens) run on the
 # decode kernels, with every position's top logits rescored; longer ones run as a prefill.
 SHORT_EXTEND = 16
+# A request joining a running batch (continuous batching) prefills on the fast kernels up to this
+# many prompt tokens: every running request waits for its prefill, and the exact kernels' fixed
+# cost of dequantizing every weight would stall them all (int8 SmolLM2, 40-token prompt: 147 ms
+# exact, 30 ms fast; 512 tokens: 421 and 290 ms). Its last logits are rescored as a decode's.
+FAST_JOIN = 512
 
 
 def _open(
@@ -125,10 +137,13 @@ class Model(BaseModel):
             return SharedKVSequence(self)
         return ConcatKVSequence(self)
 
-    def session_for(self, tokens: int, live: bool):
+    def session_for(self, tokens: int, live: bool, join: bool = False):
         """The session of a step of `tokens` new tokens (on a live cache or a fresh one) and
-        its lm_head rescorer: short steps on a live cache run on the decode kernels."""
+        its lm_head rescorer: short steps on a live cache run on the decode kernels, and so do
+        the prompts of rows joining a running batch (`join`) on the fast kernels."""
         if live and tokens <= SHORT_EXTEND:
+            return self.decode_session, self.rescore
+        if join and self.rescore is not None and tokens <= FAST_JOIN:
             return self.decode_session, self.rescore
         return self.prefill_session, None
 
@@ -155,7 +170,7 @@ def _rescore(rescore, logits: np.ndarray, hidden: np.ndarray) -> None:
         rescore(row_logits, row_hidden)
 
 
-class ConcatKVSequence(Sequence):
+class ConcatKVSequence(PaddedRows, Sequence):
     """Concat-mode KV cache: the runtime keeps past tensors and feeds them back each step."""
 
     def __init__(self, model: Model):
@@ -175,6 +190,12 @@ class ConcatKVSequence(Sequence):
     def _truncate(self, lengths: np.ndarray) -> None:
         cut = self._positions.truncate(lengths)
         self._past = [p[:, :, :cut] for p in self._past]
+
+    def _states(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.model.io.past_inputs, self._past, strict=True))
+
+    def _load_states(self, states: dict[str, np.ndarray]) -> None:
+        self._past = [states[name] for name in self.model.io.past_inputs]
 
     def _extend(self, ids: np.ndarray, mask: np.ndarray | None, last_only: bool) -> np.ndarray:
         m = self.model
@@ -205,10 +226,12 @@ class SharedKVSequence(Sequence):
         super().__init__(model)
         io = model.io
         self._kv = (io.cache.kv_heads, io.cache.head_dim, np.dtype(io.cache.dtype))
+        # [slots, KV heads, capacity, head dim] per past input; row b of the batch is slot b
         self._buffers: list[np.ndarray] = []
         self._held: np.ndarray | None = None  # tokens in the cache, per row
-        self._decode_binding: _Bound | None = None  # reused by every decode step
+        self._decoders: dict[int, _Bound] = {}  # decode steps' bindings, by rows; reused
         self._bound: dict[tuple, _Bound] = {}  # short extend steps' bindings, by row and length
+        self._token = token_bytes(io.cache)
 
     @property
     def capacity(self) -> int:
@@ -223,37 +246,66 @@ class SharedKVSequence(Sequence):
     def _truncate(self, lengths: np.ndarray) -> None:
         self._held = lengths.copy()  # the model reads each row's first `held` positions only
 
+    def _kv_bytes(self) -> int:
+        return sum(b.nbytes for b in self._buffers)
+
     def _extend(self, ids: np.ndarray, mask: np.ndarray | None, last_only: bool) -> np.ndarray:
         """Rows run one by one (see the module docstring), long ones in chunks."""
-        m = self.model
-        m.check_positions(last_only)
         live = self._held is not None
         if live and ids.shape[1] == 1 and last_only:
             return self._decode(ids)[:, None]
         mask = np.ones_like(ids) if mask is None else mask
         rows = [ids[b][mask[b] != 0] for b in range(ids.shape[0])]
         starts = self._held if live else np.zeros(len(rows), np.int64)
+        out = self._fill(rows, starts, 0, last_only, ids.shape[1], live, False)
+        self._held = starts + np.array([len(r) for r in rows], np.int64)
+        return out
+
+    def _add(self, rows: list[np.ndarray]) -> np.ndarray:
+        """New rows take the slots after the live ones, each prefilled alone."""
+        first = len(self._held)
+        width = max(len(r) for r in rows)
+        logits = self._fill(rows, np.zeros(len(rows), np.int64), first, True, width, False, True)
+        self._held = np.concatenate([self._held, [len(r) for r in rows]]).astype(np.int64)
+        return logits[:, -1]
+
+    def _remove(self, keep: np.ndarray) -> None:
+        """The kept rows' caches move up to the first slots; a buffer far longer than what is
+        left shrinks, so that a sequence holds about what its rows hold."""
+        for buffer in self._buffers:
+            buffer[: len(keep)] = buffer[keep]
+        self._held = self._held[keep]
+        needed = int(self._held.max()) + 1
+        if 2 * _rounded(needed, self.model.max_context) <= self.capacity:
+            self._resize(len(keep), needed)
+
+    def _fill(self, rows, starts, first: int, last_only, width: int, live: bool, join: bool):
+        """Run each row b of `rows` after its `starts[b]` cached tokens in slot first + b ->
+        logits [n, 1 if last_only else width, V]. `join`: rows joining a running batch."""
+        m = self.model
+        m.check_positions(last_only)
         ends = starts + np.array([len(r) for r in rows], np.int64)
         check_context(int(ends.max()), m.max_context)
-        self._reserve(len(rows), int(ends.max()) + 1)
-        sess, rescore = m.session_for(ids.shape[1], live)
-        chunk = m.chunk if sess is m.prefill_session else ids.shape[1]
-        out = np.empty((len(rows), 1 if last_only else ids.shape[1], m.vocab_size), np.float32)
+        self._reserve(first + len(rows), int(ends.max()) + 1)
+        sess, rescore = m.session_for(width, live, join)
+        chunk = m.chunk if sess is m.prefill_session else width
+        out = np.empty((len(rows), 1 if last_only else width, m.vocab_size), np.float32)
         for b, row in enumerate(rows):
             pieces = []
             for at in range(0, len(row), chunk):
                 piece = row[None, at : at + chunk]
-                pieces.append(self._run(piece, int(starts[b]) + at, b, last_only, sess, rescore))
+                start, slot = int(starts[b]) + at, first + b
+                pieces.append(self._run(piece, start, slot, last_only, sess, rescore))
             out[b] = pieces[-1][0, -1:] if last_only else np.concatenate([p[0] for p in pieces])
-        self._held = ends
         return out
 
     def _decode(self, ids: np.ndarray) -> np.ndarray:
         m = self.model
         check_context(int(self._held.max()) + 1, m.max_context)
-        if self._reserve(len(ids), int(self._held.max()) + 1) or self._decode_binding is None:
-            self._decode_binding = self._bind_decode(len(ids))
-        bound = self._decode_binding
+        self._reserve(len(ids), int(self._held.max()) + 1)
+        bound = self._decoders.get(len(ids))
+        if bound is None:
+            bound = self._decoders[len(ids)] = self._bind_decode(len(ids))
         bound.ids[:] = ids
         bound.positions[:, 0] = self._held
         bound.seqlens[:] = self._held  # the row's length after this step, minus one
@@ -265,21 +317,37 @@ class SharedKVSequence(Sequence):
         return out
 
     # -- buffers and bindings --------------------------------------------------------------------
-    def _reserve(self, batch: int, needed: int) -> bool:
-        """Make the buffers hold `needed` positions for `batch` rows; True if they moved."""
-        if self._buffers and self._buffers[0].shape[0] == batch and self.capacity >= needed:
-            return False
-        grow = max(needed, 2 * self.capacity if self._buffers else 0)
-        capacity = min(self.model.max_context, -(-grow // CAPACITY_STEP) * CAPACITY_STEP)
+    def _reserve(self, rows: int, needed: int) -> None:
+        """Make the buffers hold `needed` positions in `rows` slots, keeping what they hold."""
+        slots = self._buffers[0].shape[0] if self._buffers else 0
+        if slots >= rows and self.capacity >= needed:
+            return
+        if self._held is None:  # a fresh batch: exactly its rows
+            self._resize(max(rows, slots), needed, keep=0)
+            return
+        if slots < rows:  # rows joining a live batch: room for more, so that joins rarely copy
+            slots = max(rows, min(2 * slots, rows + slots))
+        self._resize(slots, max(needed, 2 * self.capacity if needed > self.capacity else 0))
+
+    def _resize(self, slots: int, needed: int, keep: int | None = None) -> None:
+        """New buffers of `slots` rows and `needed` positions (rounded up), holding the first
+        `keep` rows of the old ones (all the live rows by default)."""
+        capacity = _rounded(needed, self.model.max_context)
         heads, dim, dtype = self._kv
-        shape = (batch, heads, capacity, dim)
-        old = self._buffers if self._buffers and self._buffers[0].shape[0] == batch else []
+        keep = len(self._held) if keep is None else keep
+        old = self._buffers
+        shape = (slots, heads, capacity, dim)
         self._buffers = [np.zeros(shape, dtype) for _ in self.model.io.past_inputs]
+        cols = min(capacity, old[0].shape[2]) if old else 0
         for new, previous in zip(self._buffers, old, strict=False):
-            new[:, :, : previous.shape[2]] = previous
-        self._decode_binding = None
+            new[:keep, :, :cols] = previous[:keep, :, :cols]
+        self._decoders.clear()
         self._bound.clear()
-        return True
+
+    def _release(self) -> None:
+        self._buffers = []
+        self._decoders.clear()
+        self._bound.clear()
 
     def _bind_arrays(self, binding, rows: slice) -> None:
         io = self.model.io
@@ -349,6 +417,11 @@ class SharedKVSequence(Sequence):
                 rescore.output, "cpu", 0, hidden.dtype, list(hidden.shape), hidden.ctypes.data
             )
         return _Bound(binding, ids, positions, seqlens, index, logits, hidden)
+
+
+def _rounded(positions: int, max_context: int) -> int:
+    """Buffer positions for `positions`: a multiple of CAPACITY_STEP, at most the context."""
+    return min(max_context, -(-positions // CAPACITY_STEP) * CAPACITY_STEP)
 
 
 @dataclass

@@ -27,7 +27,7 @@ import numpy as np
 
 from llmc.errors import SessionError
 from llmc.runtime.session import Model as BaseModel
-from llmc.runtime.session import PositionTracker, SessionOptions
+from llmc.runtime.session import PaddedRows, PositionTracker, SessionOptions
 from llmc.runtime.session import Sequence as BaseSequence
 from llmc.targets.base import step_feeds
 
@@ -59,6 +59,7 @@ PRECISIONS = {
 DYNAMIC_QUANTIZATION_GROUP = 32
 # Rolled-back (masked) KV columns a sequence keeps before compacting its state.
 HOLES = 64
+RAGGED = -1  # the batch size of the decode model that takes any number of rows
 
 
 def _free_memory() -> int | None:
@@ -188,8 +189,14 @@ class Model(BaseModel):
             )
         return compiled
 
+    def prepare_batching(self) -> None:
+        if self.static_decode:
+            self.decoder(RAGGED)
+
     def decoder(self, batch: int):
-        """The compiled model reshaped for `batch` rows of one new token each."""
+        """The compiled model reshaped for `batch` rows of one new token each (-1: any number
+        of rows; a batch whose rows come and go decodes on it: SmolLM2 bf16, 8 rows, 10.8 ms
+        a step against 9.9 ms on a model of exactly 8 rows and 12.4 ms on the dynamic one)."""
         with self._lock:
             if batch not in self._decoders:
                 import openvino as ov
@@ -208,10 +215,11 @@ class Model(BaseModel):
             return self._decoders[batch]
 
 
-class Sequence(BaseSequence):
+class Sequence(PaddedRows, BaseSequence):
     """Rows on one OpenVINO model: an infer request of the dynamic model and, with static
     decode, one of the static decode model per batch size; the KV state moves to the request
-    that runs the step."""
+    that runs the step. A batch whose rows come and go (`add`, `remove`: continuous batching)
+    decodes on the one-token model of any batch size (RAGGED), not one compiled per size."""
 
     def __init__(self, model: Model):
         super().__init__(model)
@@ -219,6 +227,7 @@ class Sequence(BaseSequence):
         self._positions = PositionTracker(model.max_context)
         self._decoders: dict[int, object] = {}  # batch size -> infer request
         self._live = self._request  # the request that holds this sequence's KV cache
+        self._ragged = False  # rows were added or removed since the prefill
 
     def _decoder(self, batch: int):
         if batch not in self._decoders:
@@ -237,6 +246,25 @@ class Sequence(BaseSequence):
         self._positions.reset()
         self._request.reset_state()
         self._live = self._request
+        self._ragged = False
+
+    def _states(self) -> dict[str, np.ndarray]:
+        return {s.name: s.state.data for s in self._live.query_state()}
+
+    def _load_states(self, states: dict[str, np.ndarray]) -> None:
+        """A new set of rows: into the request their next decode step runs on."""
+        import openvino as ov
+
+        self._ragged = True
+        request = self._decoder(RAGGED) if self.model.static_decode else self._request
+        for state in request.query_state():
+            state.state = ov.Tensor(np.ascontiguousarray(states[state.name]))
+        self._live = request
+
+    def add(self, prompts) -> np.ndarray:
+        logits = super().add(prompts)
+        self._ragged = True  # whatever its first rows, the batch's size will change
+        return logits
 
     def _lengths(self) -> np.ndarray:
         return self._positions.lengths
@@ -270,8 +298,8 @@ class Sequence(BaseSequence):
         feeds["beam_idx"] = np.arange(ids.shape[0], dtype=np.int32)
         request = self._request
         decode_step = ids.shape[1] == 1 and last_only and mask.shape[1] > 1
-        if m.static_decode and decode_step:  # one new token per row after the prefill
-            request = self._decoder(ids.shape[0])
+        if m.static_decode and decode_step:
+            request = self._decoder(RAGGED if self._ragged else ids.shape[0])
         self._use(request)
         request.infer({k: v for k, v in feeds.items() if k in m.inputs}, share_inputs=True)
         return request.get_tensor("logits").data.copy()  # [B, 1 or S, V]
