@@ -83,11 +83,11 @@ def test_shared_kv_decode_reuses_its_buffers_and_binding(tiny_artifact):
     session = gen.model.sequence()
     session.prefill(np.array([gen.encode("Hello, world")]))
     session.decode(np.array([[5]]))
-    binding, buffer = session._decode_binding.binding, session._buffers[0].ctypes.data
+    binding, buffer = session._decoders[1].binding, session._buffers[0].ctypes.data
     for token in range(6, 12):
         session.decode(np.array([[token]]))
     # in place: the same buffers and the same binding at every step, nothing reallocated
-    assert session._decode_binding.binding is binding and session._buffers[0].ctypes.data == buffer
+    assert session._decoders[1].binding is binding and session._buffers[0].ctypes.data == buffer
 
 
 def test_shared_kv_grows_past_its_first_capacity_like_concat(tiny_artifact):
