@@ -33,7 +33,6 @@ from llmc.runtime.session import (
     Sequence,
     SessionOptions,
     check_context,
-    token_bytes,
 )
 from llmc.targets.base import step_feeds
 from llmc.targets.onnx.rescore import LmHeadRescorer
@@ -231,7 +230,6 @@ class SharedKVSequence(Sequence):
         self._held: np.ndarray | None = None  # tokens in the cache, per row
         self._decoders: dict[int, _Bound] = {}  # decode steps' bindings, by rows; reused
         self._bound: dict[tuple, _Bound] = {}  # short extend steps' bindings, by row and length
-        self._token = token_bytes(io.cache)
 
     @property
     def capacity(self) -> int:
