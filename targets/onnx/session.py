@@ -4,11 +4,13 @@
 head_dim], owned here and bound through onnxruntime I/O binding as both the past input and the
 present output, so GroupQueryAttention writes each step's keys and values in place. A decode
 step copies no cache and allocates nothing: its inputs live in preallocated arrays and its
-binding is reused. Rows are prefilled one by one (onnxruntime's CPU GroupQueryAttention takes a
-multi-token step with a cache for one row only), without padding, so every row's positions are
-its cache indices, and in chunks of PREFILL_CHUNK tokens (a causal prompt's later chunks attend
-to the earlier ones through the cache, which skips the masked half of the score matrix; a
-quantized artifact uses EXACT_PREFILL_CHUNK).
+binding is reused. Every row's positions are its cache indices (no left padding). Prompts that
+fit one chunk are prefilled together, right-padded (onnxruntime's CPU GroupQueryAttention takes
+a batched first prompt, each row ending at its seqlens_k); longer ones row by row (it takes a
+multi-token step with a cache for one row only), in chunks of PREFILL_CHUNK tokens (a causal
+prompt's later chunks attend to the earlier ones through the cache, which skips the masked half
+of the score matrix; a quantized artifact uses EXACT_PREFILL_CHUNK). Rows of a running batch
+are slots of the buffers: rows joining it take the next slots (continuous batching).
 
 `concat` KV mode (when `rewire_kv_cache` is disabled): the runtime feeds the present tensors back
 as the next step's past.
@@ -287,6 +289,16 @@ class SharedKVSequence(Sequence):
         self._reserve(first + len(rows), int(ends.max()) + 1)
         sess, rescore = m.session_for(width, live, join)
         chunk = m.chunk if sess is m.prefill_session else width
+        longest, tokens = max(len(r) for r in rows), sum(len(r) for r in rows)
+        if (
+            not live
+            and last_only
+            and len(rows) > 1
+            and m.io.logits_index
+            and longest <= chunk
+            and len(rows) * longest <= 2 * tokens  # padding at most doubles the work
+        ):
+            return self._prompts(rows, first, sess, rescore)
         out = np.empty((len(rows), 1 if last_only else width, m.vocab_size), np.float32)
         for b, row in enumerate(rows):
             pieces = []
@@ -295,6 +307,28 @@ class SharedKVSequence(Sequence):
                 start, slot = int(starts[b]) + at, first + b
                 pieces.append(self._run(piece, start, slot, last_only, sess, rescore))
             out[b] = pieces[-1][0, -1:] if last_only else np.concatenate([p[0] for p in pieces])
+        return out
+
+    def _prompts(self, rows: list[np.ndarray], first: int, sess, rescore) -> np.ndarray:
+        """Fresh prompts (no cache yet) of slots first.. in one step, right-padded: onnxruntime's
+        CPU GroupQueryAttention takes a batched first prompt whose rows end at their seqlens_k
+        (each row's logits and the decode steps after them are bit-identical to the row's alone;
+        the padding's keys and values lie past the row's length, where its next tokens go).
+        The distinct last positions are computed for every row -> [n, 1, V]."""
+        n, width = len(rows), max(len(r) for r in rows)
+        ids = np.zeros((n, width), np.int64)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = row
+        positions = np.tile(np.arange(width, dtype=np.int64), (n, 1))
+        last = np.array([len(r) - 1 for r in rows], np.int64)
+        index = np.unique(last)
+        rows_at = slice(first, first + n)
+        bound = self._binding(sess, ids, positions, last.astype(np.int32), index, rows_at, rescore)
+        self.model.run(sess, bound.binding)
+        picked = np.searchsorted(index, last)
+        out = bound.logits[np.arange(n), picked][:, None].copy()  # [n, 1, V]
+        if rescore:
+            rescore(out[:, 0], bound.hidden[np.arange(n), picked])
         return out
 
     def _decode(self, ids: np.ndarray) -> np.ndarray:
