@@ -65,10 +65,15 @@ def bench(artifacts, urls, clients, runs, new_tokens, threads, json_out, plot):
     servers = []
     for url in urls:
         click.echo(f"loading {url} with {clients} clients …", err=True)
+        import httpx
+
         try:
             servers.append(benchmark.load_test(url, counts, runs, new_tokens))
-        except OSError as exc:
-            raise LlmcError(f"cannot reach {url}: {exc}; is the server running?") from exc
+        except (OSError, httpx.HTTPError, KeyError, ValueError) as exc:
+            raise LlmcError(
+                f"cannot load {url} ({type(exc).__name__}: {exc}); is an OpenAI-compatible "
+                "server running there?"
+            ) from exc
     for line in benchmark.table(measured, servers):
         click.echo(line)
     if json_out is not None:

@@ -89,9 +89,12 @@ def serve(
     """
     from llmc.artifact import read_manifest
 
-    read_manifest(artifact, check_files=False)  # a clear error before anything starts
+    manifest = read_manifest(artifact, check_files=False)  # a clear error before anything starts
     if (replicas > 1 or ray_address) and not ray:
         raise click.UsageError("--replicas and --ray-address need --ray.")
+    target = manifest.get("target", {}).get("name")
+    if precision and target != "openvino":
+        raise click.UsageError(f"--precision applies to OpenVINO artifacts; this one is {target}.")
     load = {"threads": threads, "exact": exact, **({"precision": precision} if precision else {})}
     if ray:
         _require("ray", "starlette", extra="ray")
@@ -102,5 +105,9 @@ def serve(
     _require("uvicorn", "starlette", extra="serve")
     from llmc.server.run import serve as run_server
 
-    click.echo(f"serving {artifact} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops)", err=True)
-    run_server(artifact, host, port, model_name, opts.pop("shutdown_timeout"), load, **opts)
+    def ready():
+        click.echo(f"serving {artifact} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops)",
+                   err=True)  # fmt: skip
+
+    timeout = opts.pop("shutdown_timeout")
+    run_server(artifact, host, port, model_name, timeout, load, ready=ready, **opts)

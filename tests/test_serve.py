@@ -312,3 +312,39 @@ def test_ray_serve_spreads_requests_over_two_replicas(artifact, gen):
         assert len(replicas) == 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0
+
+
+def test_bench_cli_measures_an_artifact_and_a_server(running, artifact, tmp_path):
+    from click.testing import CliRunner
+
+    from llmc.cli import cli
+
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["bench", str(artifact), "--url", running, "--clients", "1,2", "--runs", "1"]
+    result = CliRunner().invoke(cli, [*args, "--new-tokens", "8", "--json", str(out),
+                                      "--plot", str(plot)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["artifacts"][0]["decode_tok_s"] > 0 and data["artifacts"][0]["decode_by_context"]
+    waves = data["servers"][0]["by_clients"]
+    assert set(waves) == {"1", "2"} and all(w["failures"] == 0 for w in waves.values())
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+    assert "decode tok/s" in result.output and "TTFT p50" in result.output
+
+
+def test_serve_and_bench_refuse_bad_use_with_one_sentence(artifact):
+    from click.testing import CliRunner
+
+    from llmc.cli import cli
+
+    cases = [
+        (["serve", str(artifact), "--precision", "bf16"], "applies to OpenVINO artifacts"),
+        (["serve", str(artifact), "--replicas", "2"], "need --ray"),
+        (["serve", "/no/such/artifact"], "does not exist"),
+        (["bench"], "at least one ARTIFACT or --url"),
+        (["bench", "--url", f"http://127.0.0.1:{free_port()}"], "cannot load"),
+        (["bench", str(artifact), "--plot", "out.jpg"], "writes a PNG"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
