@@ -163,6 +163,7 @@ def create_app(service: Service, shutdown_timeout: float = 30.0):
     """The Starlette app of one Service."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.routing import Route
 
@@ -258,8 +259,6 @@ def create_app(service: Service, shutdown_timeout: float = 30.0):
         Route("/metrics", metrics, methods=["GET"]),
     ]
     handlers = {HTTPException: http_error, Exception: server_error}
-    from starlette.middleware import Middleware
-
     return Starlette(
         routes=routes,
         exception_handlers=handlers,

@@ -111,3 +111,10 @@ class LmHeadRescorer:
             if self.bias is not None:
                 exact += self.bias[top]
             row[top] = exact
+
+
+def rescore_positions(rescore: LmHeadRescorer, logits: np.ndarray, hidden: np.ndarray) -> None:
+    """Exact top logits at every position of every row: logits [B, P, V], hidden [B, >=P, K]."""
+    hidden = hidden[:, hidden.shape[1] - logits.shape[1] :]
+    for row_logits, row_hidden in zip(logits, hidden, strict=True):
+        rescore(row_logits, row_hidden)
