@@ -190,8 +190,13 @@ class Model(BaseModel):
         return compiled
 
     def prepare_batching(self) -> None:
+        """Compile the decode model of any batch size; drop the one-row copy compiled at load,
+        which a batch whose rows come and go never runs (it decodes on RAGGED at every size):
+        it would only hold a copy of the weights (compiled again if a fixed batch asks)."""
         if self.static_decode:
             self.decoder(RAGGED)
+            with self._lock:
+                self._decoders.pop(1, None)
 
     def decoder(self, batch: int):
         """The compiled model reshaped for `batch` rows of one new token each (-1: any number
