@@ -198,7 +198,9 @@ def run_ov_genai(model_dir: str, artifact: str, threads: int, runs: int, hint: s
     return {**result, "version": ov_genai.__version__, "kernels": kernels}
 
 
-def _child(engine: str, args, python: str | None = None, extra: list[str] = ()) -> dict:
+def _child(
+    engine: str, args, python: str | None = None, extra: list[str] = (), artifact: str = ""
+) -> dict:
     """One round of one engine in a fresh process: a warm-up, then `--runs-per-child` runs."""
     cmd = [
         python or sys.executable,
@@ -206,7 +208,7 @@ def _child(engine: str, args, python: str | None = None, extra: list[str] = ()) 
         "--engine",
         engine,
         "--artifact",
-        args.artifact,
+        artifact or args.artifact,
         "--threads",
         str(args.threads),
         "--runs",
@@ -238,9 +240,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--target",
-        choices=["onnx", "openvino"],
+        choices=["onnx", "openvino", "tvm"],
         default="onnx",
-        help="onnx: vs onnxruntime-genai; openvino: vs OpenVINO GenAI on optimum-intel's IR.",
+        help="onnx: vs onnxruntime-genai; openvino: vs OpenVINO GenAI on optimum-intel's IR; "
+        "tvm: vs llmc's ONNX artifact of the same precision and onnxruntime-genai.",
     )
     parser.add_argument(
         "--precision",
@@ -300,7 +303,15 @@ def main():
     ours_name = f"llmc-{args.target}"
     extra = ["--target", args.target, "--ov-hint", args.ov_hint, *(["--exact"] * args.exact)]
     children = {ours_name: lambda: _child("llmc", args, extra=extra)}
-    if args.target == "onnx":
+    if args.target == "tvm":  # llmc's ONNX artifact of the same precision, built if missing
+        onnx_artifact = args.artifact.replace("-tvm", "-onnx")
+        if not (Path(onnx_artifact) / "llmc.json").is_file():
+            _build(onnx_artifact, "onnx", args.precision)
+        onnx_extra = ["--target", "onnx", "--ov-hint", args.ov_hint, *(["--exact"] * args.exact)]
+        children["llmc-onnx"] = lambda: _child(
+            "llmc", args, extra=onnx_extra, artifact=onnx_artifact
+        )
+    if args.target in ("onnx", "tvm"):
         python = reference_env()
         ref = ["--ref-model", str(reference_model(python, args.precision))]
         children["onnxruntime-genai"] = lambda: _child("ort-genai", args, str(python), ref)

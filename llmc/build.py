@@ -31,6 +31,13 @@ class Progress:
         log.info(text)
 
 
+def peak_memory_gb() -> float:
+    """The peak resident memory of this process so far (a build's, run from the CLI)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
 @dataclass
 class BuildResult:
     path: Path
@@ -118,6 +125,7 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
             progress.note(describe(evaluation))
             quality_gate(evaluation)
         manifest["build"]["seconds"] = round(time.perf_counter() - started, 1)
+        manifest["build"]["peak_memory_gb"] = round(peak_memory_gb(), 2)
         write_manifest(tmp, manifest, files)  # verification changed no file: reuse the hashes
     return BuildResult(out, read_manifest(out, check_files=False))
 

@@ -101,8 +101,12 @@ class _RichProgress:
         start = time.perf_counter()
         with self.console.status(f"{name} …"):
             yield
+        from llmc.build import peak_memory_gb
+
+        seconds = time.perf_counter() - start
         self.console.print(
-            f"[green]✓[/green] {name} [dim]({time.perf_counter() - start:.1f}s)[/dim]"
+            f"[green]✓[/green] {name} [dim]({seconds:.1f}s, peak memory "
+            f"{peak_memory_gb():.1f} GB)[/dim]"
         )
 
     def note(self, text: str) -> None:
@@ -241,7 +245,8 @@ def build(max_ppl_increase, **flags):
     size = sum(f["size"] for f in files.values()) / 1e6
     console.print(
         f"[bold green]built[/bold green] {result.path} ({size:.1f} MB, "
-        f"{result.manifest['graph']['nodes']} nodes)"
+        f"{result.manifest['graph']['nodes']} nodes, {result.manifest['build']['seconds']}s, "
+        f"peak memory {result.manifest['build']['peak_memory_gb']} GB)"
     )
     click.echo(str(result.path))
 

@@ -100,8 +100,9 @@ TARGETS: dict[str, TargetInfo] = {
             "llmc.targets.tvm",
             ("tvm",),
             "pip install 'llmc[tvm]'",
-            ready=False,
-            description="TVM Relax module (planned)",
+            description="TVM Relax module compiled for this CPU, run by TVM's Relax VM",
+            runtime="tvm",
+            kv_variants=(KVVariant(KVMode.SHARED),),
         ),
         TargetInfo(
             "tensorrt",

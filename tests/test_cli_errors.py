@@ -116,7 +116,7 @@ def test_unknown_and_planned_targets(tmp_path):
         "onnx",
     )
     assert_user_error(
-        invoke("build", "tiny:llama", "--target", "tvm", "-o", out), "not implemented yet"
+        invoke("build", "tiny:llama", "--target", "tensorrt", "-o", out), "not implemented yet"
     )
     assert_nothing_written(out)
 

@@ -1,0 +1,176 @@
+"""Emit a Graph as a TVM Relax module compiled for this CPU, its weights in a file beside it.
+
+Steps: decompose the llmc ops the converters do not take; make every weight, buffer and
+constant a parameter (TVM's importer would bind buffers and constants into the library);
+import with the converters of lowering.py; drop the export's upper bounds on the symbolic
+lengths (memory planning would reserve the worst case: ~34 GB of attention scores, DESIGN.md);
+lift the weight packing into `main_transform_params`; compile for the host CPU (`llvm` with the
+CPU name and its features) and write `model.so` (~1 MB) and `params.bin` (each weight once)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmc.targets.base import EmitResult
+
+if TYPE_CHECKING:
+    from llmc.compiler.graph import Graph
+
+LIBRARY = "model.so"
+PARAMS = "params.bin"
+
+
+def host_target():
+    """TVM's target for this machine: llvm with the host CPU's name and its cores."""
+    import os
+
+    import tvm
+    from tvm.target import codegen
+
+    cores = len(os.sched_getaffinity(0))
+    return tvm.target.Target(
+        {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": cores}
+    )
+
+
+def _as_parameters(program):
+    """The program with its buffers and constant tensors turned into parameters: they become
+    inputs of the Relax function, saved with the weights, never constants in the library. The
+    program's dictionaries and signature are replaced, not changed: they are shared with the
+    graph that verification runs afterwards."""
+    import torch
+    from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec
+
+    state, constants = dict(program.state_dict), dict(program.constants)
+    specs = []
+    for spec in program.graph_signature.input_specs:
+        if spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            value = state.pop(spec.target, None)
+            value = constants.pop(spec.target) if value is None else value
+            state[spec.target] = torch.nn.Parameter(value, requires_grad=False)
+            spec = InputSpec(InputKind.PARAMETER, spec.arg, spec.target, None)
+        specs.append(spec)
+    program._state_dict, program._constants = state, constants
+    program._graph_signature = ExportGraphSignature(specs, program.graph_signature.output_specs)
+    return program
+
+
+def _weights(program) -> dict:
+    """Placeholder name -> tensor of every parameter of the program."""
+    from torch.export.graph_signature import InputKind
+
+    return {
+        spec.arg.name: program.state_dict[spec.target]
+        for spec in program.graph_signature.input_specs
+        if spec.kind is InputKind.PARAMETER
+    }
+
+
+def import_graph(graph: Graph):
+    """(Relax module with `main(inputs..., params...)`, parameter arrays in that order, what the
+    converters lowered)."""
+    import torch
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from llmc.compiler import ops
+    from llmc.targets.tvm import lowering
+
+    calls = [n for n in graph.fx.nodes if n.target == lowering.ATTENTION]
+    attention = all(lowering.attention_supported(n) for n in calls)
+    keep = {
+        torch.ops.llmc.rms_norm.default,
+        torch.ops.llmc.skip_rms_norm.default,
+        torch.ops.llmc.rotary.default,
+        torch.ops.llmc.linear_nbits.default,
+        torch.ops.llmc.embedding_nbits.default,
+        *([lowering.ATTENTION] if attention else []),
+    }
+    program = ops.decompose(graph.program, keep=keep)
+    # Core ATen, as TVM's importer wants it, but for the ops the converters take whole.
+    table = torch.export.default_decompositions()
+    for op in (torch.ops.aten.linear.default, torch.ops.aten.embedding.default):
+        table.pop(op, None)
+    program = _as_parameters(program.run_decompositions(table))
+    weights = _weights(program)
+    converters = lowering.Converters()
+    mod = from_exported_program(
+        program,
+        keep_params_as_input=True,
+        custom_convert_map=converters.table(attention),
+        run_ep_decomposition=False,
+    )
+    main = mod["main"].without_attr("tir_var_upper_bound").without_attr("params")
+    mod["main"] = main
+    inputs = int(main.attrs["num_input"])
+    names = [p.name for p in main.params[inputs:]]
+    params = [weights[n].detach().contiguous().numpy() for n in names]
+    mod = relax.transform.LiftTransformParams()(mod)
+    return mod, names, params, converters.counts
+
+
+def relax_pipeline(target):
+    """TVM's CPU pipeline without RewriteDataflowReshape (it inspects every kernel's body for a
+    reshape, and llmc's kernels are loop nests without schedulable blocks): legalize the Relax
+    ops left (norms, activations, residual adds), fuse those into one loop nest per chain,
+    lower to the VM with statically planned memory."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import transform as t
+
+    passes = [
+        t.LegalizeOps(),
+        t.AnnotateTIROpPattern(),
+        t.FoldConstant(),
+        t.FuseOps(),
+        t.FuseTIR(),
+        t.DeadCodeElimination(),
+        t.ToNonDataflow(),
+        t.RemovePurityChecking(),
+        t.CallTIRRewrite(),
+        t.StaticPlanBlockMemory(),
+        t.LowerAllocTensor(),
+        t.KillAfterLastUse(),
+        t.LowerRuntimeBuiltin(),
+        t.ComputePrimValue(),
+        t.VMShapeLower(),
+        t.AttachGlobalSymbol(),
+    ]
+
+    @tvm.transform.module_pass(opt_level=0)
+    def pipeline(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    del relax
+    return pipeline
+
+
+def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
+    import tvm
+
+    out_dir = Path(out_dir)
+    mod, names, params, lowered = import_graph(graph)
+    target = host_target()
+    executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+    executable.export_library(str(out_dir / LIBRARY))
+    tvm.runtime.save_param_dict_to_file(
+        {f"{i}": tvm.runtime.tensor(p) for i, p in enumerate(params)}, str(out_dir / PARAMS)
+    )
+    histogram = Counter(graph.op_histogram())
+    histogram.update({f"llmc_tvm::{k}": v for k, v in lowered.items()})
+    return EmitResult(
+        files=[LIBRARY, PARAMS],
+        op_histogram=dict(sorted(histogram.items())),
+        toolchain={"tvm": tvm.__version__},
+        flavor="tvm-llvm-cpu",
+        target={
+            "library": LIBRARY,
+            "params": PARAMS,
+            "param_names": names,
+            "cpu": str(target.attrs["mcpu"]),
+            "llvm_target": str(target),
+        },
+    )

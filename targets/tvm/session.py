@@ -1,0 +1,257 @@
+"""Runtime model and sequences for TVM artifacts on TVM's Relax VM (numpy in and out; no torch).
+
+The `Model` loads the compiled library and the weights once and packs the weights for the
+matmul kernels (`main_transform_params`). Each sequence has its own VM (a VM's registers are
+per call stack, not shared between threads) over the model's packed weights, and keeps its KV
+cache in one of two modes:
+- `shared` (the default pipeline): one [slots, KV heads, capacity, D] buffer per layer and kind,
+  written in place by the step; every row holds its tokens from position 0, so a row's length is
+  all the cache needs: truncating rewinds it, rows of a prompt batch prefill one by one through
+  views of their slots (no padding), joining rows take free slots, leaving rows are compacted.
+  Slots and capacity grow by doubling.
+- `concat` (a model whose attention stays its own, or `--passes -rewire_kv_cache`): the runtime
+  feeds the present tensors back as the next step's past, left-padded (PaddedRows).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from llmc.contract import KVMode
+from llmc.runtime.session import Model as BaseModel
+from llmc.runtime.session import PaddedRows, PositionTracker, Sequence, SessionOptions, token_bytes
+from llmc.targets.base import step_feeds
+
+MIN_CAPACITY = 256  # positions a fresh shared cache holds before it first doubles
+
+
+def _tensor(array: np.ndarray):
+    import tvm
+
+    return tvm.runtime.tensor(np.ascontiguousarray(array))
+
+
+def _check_host(directory, manifest: dict) -> None:
+    """Refuse a library compiled for another CPU (its vector instructions may not exist here)."""
+    import tvm
+    from tvm.target import codegen
+
+    from llmc.errors import ArtifactError
+
+    built = manifest["target"].get("cpu")
+    here = codegen.llvm_get_system_cpu()
+    if built and built != here:
+        raise ArtifactError(
+            f"{directory} was compiled for the CPU {built!r} and this one is {here!r}; "
+            "rebuild it here with `llmc build --target tvm`."
+        )
+    built_tvm = manifest.get("toolchain", {}).get("tvm")
+    if built_tvm and built_tvm != tvm.__version__:
+        raise ArtifactError(
+            f"{directory} was compiled with TVM {built_tvm} but {tvm.__version__} is installed; "
+            f"install apache-tvm=={built_tvm} or rebuild it."
+        )
+
+
+def _configure_threads(threads: int | None) -> None:
+    """Workers of TVM's thread pools (one per calling thread, sized when it first runs a
+    parallel loop, from TVM_NUM_THREADS): `threads`, else one per core of this process. TVM's
+    own default is half the cores (it assumes two hyperthreads per core): one core here, 1.45x
+    slower decode on SmolLM2. A TVM_NUM_THREADS set by the user is kept."""
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    else:
+        os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+
+class Model(BaseModel):
+    """A TVM artifact: the compiled module and its packed weights, shared by every sequence."""
+
+    def __init__(self, directory, manifest: dict, options: SessionOptions | None = None):
+        import tvm
+        from tvm import relax
+
+        super().__init__(directory, manifest, options)
+        _check_host(directory, manifest)
+        _configure_threads(self.options.threads)
+        files = manifest["target"]
+        self.library = tvm.runtime.load_module(str(Path(directory) / files["library"]))
+        self.device = tvm.cpu()
+        loader = relax.VirtualMachine(self.library, self.device)
+        saved = tvm.runtime.load_param_dict_from_file(str(Path(directory) / files["params"]))
+        weights = [saved[str(i)] for i in range(len(files["param_names"]))]
+        del saved
+        self.params = list(loader["main_transform_params"](weights))
+        del weights
+
+    def vm(self):
+        """A VM of its own for a sequence, over the shared library and weights."""
+        from tvm import relax
+
+        return relax.VirtualMachine(self.library, self.device)["main"]
+
+    def sequence(self) -> Sequence:
+        if self.io.kv_mode is KVMode.SHARED:
+            return SharedSequence(self)
+        return ConcatSequence(self)
+
+
+class SharedSequence(Sequence):
+    """Shared KV buffers written in place; see the module's docstring."""
+
+    def __init__(self, model: Model):
+        super().__init__(model)
+        self._main = model.vm()
+        cache = model.io.cache
+        self._geometry = (cache.kv_heads, cache.head_dim, np.dtype(cache.dtype))
+        self._buffers: list | None = None  # 2 * layers tensors [slots, KVH, capacity, D]
+        self._len = np.zeros(0, np.int64)  # tokens each live row holds
+
+    # -- buffers -------------------------------------------------------------------------------
+    @property
+    def _slots(self) -> int:
+        return 0 if self._buffers is None else int(self._buffers[0].shape[0])
+
+    @property
+    def _capacity(self) -> int:
+        return 0 if self._buffers is None else int(self._buffers[0].shape[2])
+
+    def _reserve(self, rows: int, positions: int) -> None:
+        """Buffers with at least `rows` slots and `positions` positions, grown by doubling;
+        what the live rows hold is kept."""
+        slots, capacity = max(self._slots, 1), max(self._capacity, MIN_CAPACITY)
+        while slots < rows:
+            slots *= 2
+        while capacity < positions:
+            capacity *= 2
+        capacity = min(capacity, self.max_context)
+        if self._buffers is not None and (slots, capacity) == (self._slots, self._capacity):
+            return
+        heads, dim, dtype = self._geometry
+        live, held = len(self._len), int(self._len.max(initial=0))
+        fresh = []
+        for old in self._buffers or [None] * len(self.model.io.past_inputs):
+            new = np.zeros((slots, heads, capacity, dim), dtype)
+            if old is not None and live and held:
+                new[:live, :, :held] = old.numpy()[:live, :, :held]
+            fresh.append(_tensor(new))
+        self._buffers = fresh
+
+    def _views(self, first: int, rows: int) -> list:
+        """Each buffer's slots first..first+rows as a [rows, KVH, capacity, D] tensor."""
+        out = []
+        for buffer in self._buffers:
+            _, heads, capacity, dim = buffer.shape
+            row_bytes = heads * capacity * dim * np.dtype(buffer.dtype).itemsize
+            shape = (rows, heads, capacity, dim)
+            out.append(buffer._create_view(shape, relative_byte_offset=first * row_bytes))
+        return out
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _run(self, first: int, ids: np.ndarray, start: np.ndarray, last_only: bool) -> np.ndarray:
+        """ids [B, S] for rows first.. of the buffers, after `start` [B] tokens -> logits."""
+        s = ids.shape[1]
+        positions = start[:, None] + np.arange(s)
+        index = np.array([s - 1]) if last_only else np.arange(s)
+        out = self._main(
+            _tensor(ids),
+            _tensor(positions.astype(np.int64)),
+            _tensor((start + s - 1).astype(np.int32)),
+            _tensor(index.astype(np.int64)),
+            *self._views(first, ids.shape[0]),
+            *self.model.params,
+        )
+        return out[0].numpy()
+
+    def _extend(self, ids: np.ndarray, mask: np.ndarray | None, last_only: bool) -> np.ndarray:
+        b, s = ids.shape
+        if len(self._len) == 0:  # a prefill: rows of different lengths go one by one
+            self._len = np.zeros(b, np.int64)
+            if mask is not None and not mask.all():
+                rows = [row[m == 1] for row, m in zip(ids, mask, strict=True)]
+                self._reserve(b, max(len(r) for r in rows))
+                logits = [self._prefill_row(i, r, last_only) for i, r in enumerate(rows)]
+                return np.concatenate(logits)
+        self._reserve(b, int(self._len.max()) + s)
+        logits = self._run(0, ids, self._len, last_only)
+        self._len = self._len + s
+        return logits
+
+    def _prefill_row(self, slot: int, row: np.ndarray, last_only: bool) -> np.ndarray:
+        logits = self._run(slot, row[None], np.zeros(1, np.int64), last_only)
+        self._len[slot] = len(row)
+        return logits
+
+    def _truncate(self, lengths: np.ndarray) -> None:
+        self._len = lengths.astype(np.int64)
+
+    def _lengths(self) -> np.ndarray:
+        return self._len.copy()
+
+    def _reset(self) -> None:
+        self._len = np.zeros(0, np.int64)
+
+    def _release(self) -> None:
+        self._buffers = None
+
+    def _add(self, rows: list[np.ndarray]) -> np.ndarray:
+        live = len(self._len)
+        self._reserve(live + len(rows), max(int(self._len.max()), *map(len, rows)))
+        self._len = np.concatenate([self._len, np.zeros(len(rows), np.int64)])
+        return np.concatenate(
+            [self._prefill_row(live + i, r, True)[:, -1] for i, r in enumerate(rows)]
+        )
+
+    def _remove(self, keep: np.ndarray) -> None:
+        for new, old in enumerate(keep):
+            if new != old:
+                for dst, src in zip(self._views(new, 1), self._views(int(old), 1), strict=True):
+                    src.copyto(dst)
+        self._len = self._len[keep]
+
+    def _kv_bytes(self) -> int:
+        return self._slots * self._capacity * token_bytes(self.model.io.cache)
+
+
+class ConcatSequence(PaddedRows, Sequence):
+    """Concat-mode KV cache: the runtime keeps the past tensors and feeds them back each step."""
+
+    def __init__(self, model: Model):
+        super().__init__(model)
+        self._main = model.vm()
+        self._positions = PositionTracker(model.max_context)
+        self._past: list[np.ndarray] | None = None
+        cache = model.io.cache
+        self._geometry = (cache.kv_heads, cache.head_dim, np.dtype(cache.dtype))
+
+    def _reset(self) -> None:
+        self._positions.reset()
+        self._past = None
+
+    def _lengths(self) -> np.ndarray:
+        return self._positions.lengths
+
+    def _truncate(self, lengths: np.ndarray) -> None:
+        cut = self._positions.truncate(lengths)
+        self._past = [p[:, :, :cut] for p in self._past]
+
+    def _states(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.model.io.past_inputs, self._past, strict=True))
+
+    def _load_states(self, states: dict[str, np.ndarray]) -> None:
+        self._past = [states[name] for name in self.model.io.past_inputs]
+
+    def _extend(self, ids: np.ndarray, mask: np.ndarray | None, last_only: bool) -> np.ndarray:
+        io = self.model.io
+        feeds = step_feeds(self._positions, ids, mask, all_positions=not last_only)
+        if self._past is None:
+            heads, dim, dtype = self._geometry
+            empty = np.zeros((ids.shape[0], heads, 0, dim), dtype)
+            self._past = [empty] * len(io.past_inputs)
+        inputs = [feeds[name] for name in io.inputs if name in feeds]
+        out = self._main(*map(_tensor, inputs), *map(_tensor, self._past), *self.model.params)
+        self._past = [out[i].numpy() for i in range(1, len(io.present_outputs) + 1)]
+        return out[0].numpy()
