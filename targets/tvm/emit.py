@@ -5,7 +5,9 @@ constant a parameter (TVM's importer would bind buffers and constants into the l
 import with the converters of lowering.py; drop the export's upper bounds on the symbolic
 lengths (memory planning would reserve the worst case: ~34 GB of attention scores, DESIGN.md);
 lift the weight packing into `main_transform_params`; compile for the host CPU (`llvm` with the
-CPU name and its features) and write `model.so` (~1 MB) and `params.bin` (each weight once)."""
+CPU name and its features) and write `model.so` (~1 MB of code); run the packing once here and
+write its results, the weights in the layout the kernels read, to `params.bin` (each weight
+once, 64-byte aligned, so that a session maps the file instead of reading and copying it)."""
 
 from __future__ import annotations
 
@@ -117,7 +119,6 @@ def relax_pipeline(target):
     ops left (norms, activations, residual adds), fuse those into one loop nest per chain,
     lower to the VM with statically planned memory."""
     import tvm
-    from tvm import relax
     from tvm.relax import transform as t
 
     passes = [
@@ -144,21 +145,44 @@ def relax_pipeline(target):
         with target:
             return tvm.transform.Sequential(passes)(mod)
 
-    del relax
     return pipeline
+
+
+ALIGN = 64  # bytes: TVM's kernels assume tensors aligned to this
+
+
+def save_params(path: Path, arrays) -> list[dict]:
+    """The arrays back to back in one file, each at an offset aligned for TVM's kernels, so
+    that a session maps them without copying; returns where each is."""
+    import numpy as np
+
+    index, offset = [], 0
+    with open(path, "wb") as out:
+        for array in arrays:
+            array = np.asarray(array, order="C")  # (ascontiguousarray makes a 0-d array 1-d)
+            pad = -offset % ALIGN
+            out.write(b"\0" * pad)
+            offset += pad
+            out.write(memoryview(array).cast("B"))
+            index.append({"offset": offset, "shape": list(array.shape), "dtype": str(array.dtype)})
+            offset += array.nbytes
+    return index
 
 
 def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
     import tvm
+    from tvm import relax
 
     out_dir = Path(out_dir)
     mod, names, params, lowered = import_graph(graph)
     target = host_target()
     executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
     executable.export_library(str(out_dir / LIBRARY))
-    tvm.runtime.save_param_dict_to_file(
-        {f"{i}": tvm.runtime.tensor(p) for i, p in enumerate(params)}, str(out_dir / PARAMS)
-    )
+    # The weights are saved in the layout the kernels read (packed here, once, not at load).
+    transform = relax.VirtualMachine(executable, tvm.cpu())["main_transform_params"]
+    packed = transform([tvm.runtime.tensor(p) for p in params])
+    del params
+    index = save_params(out_dir / PARAMS, (t.numpy() for t in packed))
     histogram = Counter(graph.op_histogram())
     histogram.update({f"llmc_tvm::{k}": v for k, v in lowered.items()})
     return EmitResult(
@@ -169,7 +193,8 @@ def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
         target={
             "library": LIBRARY,
             "params": PARAMS,
-            "param_names": names,
+            "param_index": index,
+            "source_params": names,
             "cpu": str(target.attrs["mcpu"]),
             "llvm_target": str(target),
         },

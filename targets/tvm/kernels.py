@@ -57,7 +57,7 @@ def linear(n: int, k: int):
         x = T.match_buffer(x_h, (m, k), "float32")
         y = T.match_buffer(y_h, (m, n), "float32")
         for jo in T.parallel(nb):
-            acc = T.decl_buffer((ROWS, LANES), "float32", scope="local")
+            acc = T.decl_buffer((ROWS, LANES), "float32", scope="global")
             for mo in range(m // ROWS):
                 for mi in T.unroll(ROWS):
                     for ji in T.vectorized(LANES):
@@ -115,7 +115,7 @@ def kv_write(kv_heads: int, d: int):
         k = T.match_buffer(k_h, (b, s, kv_heads * d), "float32")
         v = T.match_buffer(v_h, (b, s, kv_heads * d), "float32")
         lens = T.match_buffer(lens_h, (b,), "int32")
-        for bi in T.parallel(b):
+        for bi in range(b):  # a few KB per step: a parallel launch costs more
             for i in range(s):
                 pos = T.cast(lens[bi], "int64") + 1 - s + i
                 if pos >= 0 and pos < c:
@@ -127,10 +127,32 @@ def kv_write(kv_heads: int, d: int):
     return kv_write_inplace
 
 
+LOG2E = 1.4426950408889634
+LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 split: n * LN2_HI is exact in fp32
+
+
+def fast_exp(x):
+    """e^x (fp32, relative error under 2e-7, inputs below -87 give ~0) from + - * and bit
+    shifts, so that LLVM vectorizes it (its exp is a scalar libm call per lane): 2^n from the
+    exponent bits times a degree-7 polynomial on the reduced argument."""
+    x = T.max(x, T.float32(-87.0))
+    n = T.round(x * T.float32(LOG2E))
+    t = x - n * T.float32(LN2_HI) - n * T.float32(LN2_LO)
+    poly = T.float32(1.0 / 5040)
+    for c in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
+        poly = poly * t + T.float32(c)
+    bits = T.shift_left(T.cast(n, "int32") + 127, 23)
+    return poly * T.reinterpret("float32", bits)
+
+
 def attention(heads: int, kv_heads: int, d: int, scale: float, window: int, softcap: float):
     """out [B, S, H*D]: causal attention of q [B, S, H*D] over the caches [B, KVH, C, D] that
     `kv_write` filled; query i of row b sits at seqlens[b] + 1 - S + i and sees the keys up to
-    it (and, with a window, the last `window` of them). Soft-capped scores when softcap > 0."""
+    it (and, with a window, the last `window` of them). Soft-capped scores when softcap > 0.
+
+    One task per (row, query, head); keys in blocks of 16: the 16 scores (each a dot product
+    summed across one AVX-512 register, folded in halves), one rescale of the running output
+    per block, the 16 exponentials as one vector (fast_exp)."""
     group = heads // kv_heads
     lanes = math.gcd(d, LANES)
     chunks = d // lanes
@@ -148,10 +170,10 @@ def attention(heads: int, kv_heads: int, d: int, scale: float, window: int, soft
         lens = T.match_buffer(lens_h, (b,), "int32")
         o = T.match_buffer(o_h, (b, s, heads * d), "float32")
         for task in T.parallel(b * s * heads):
-            acc = T.decl_buffer((d,), "float32", scope="local")
-            part = T.decl_buffer((lanes,), "float32", scope="local")
-            score = T.decl_buffer((KEYS,), "float32", scope="local")
-            stat = T.decl_buffer((4,), "float32", scope="local")  # max, sum, block max, dot
+            acc = T.decl_buffer((d,), "float32", scope="global")
+            part = T.decl_buffer((lanes,), "float32", scope="global")
+            score = T.decl_buffer((KEYS,), "float32", scope="global")
+            stat = T.decl_buffer((4,), "float32", scope="global")  # max, sum, block max, dot
             bi = task // (s * heads)
             i = task // heads % s
             h = task % heads
@@ -176,26 +198,36 @@ def attention(heads: int, kv_heads: int, d: int, scale: float, window: int, soft
                                     + q[bi, i, h * d + ch * lanes + ln]
                                     * ck[bi, g, j, ch * lanes + ln]
                                 )
-                    stat[3] = T.float32(0)
-                    for ln in range(lanes):
-                        stat[3] = stat[3] + part[ln]
+                    if lanes == LANES:  # fold the register in halves: 8, 4, then 4 scalars
+                        for ln in T.vectorized(8):
+                            part[ln] = part[ln] + part[ln + 8]
+                        for ln in T.vectorized(4):
+                            part[ln] = part[ln] + part[ln + 4]
+                        stat[3] = (part[0] + part[1]) + (part[2] + part[3])
+                    else:
+                        stat[3] = T.float32(0)
+                        for ln in range(lanes):
+                            stat[3] = stat[3] + part[ln]
                     sc = stat[3] * T.float32(scale)
                     if cap > 0:
                         sc = T.tanh(sc / T.float32(cap)) * T.float32(cap)
                     score[jj] = T.if_then_else(j <= p, sc, T.float32(NEG))
                     stat[2] = T.max(stat[2], score[jj])
                 top = T.max(stat[0], stat[2])
-                corr = T.exp(stat[0] - top)
+                corr = fast_exp(stat[0] - top)
                 stat[1] = stat[1] * corr
                 for dd in T.vectorized(d):
                     acc[dd] = acc[dd] * corr
+                for jj in T.vectorized(KEYS):
+                    score[jj] = T.if_then_else(
+                        first + jb * KEYS + jj <= p, fast_exp(score[jj] - top), T.float32(0)
+                    )
                 for jj in range(KEYS):
                     j = first + jb * KEYS + jj
                     if j <= p:
-                        e = T.exp(score[jj] - top)
-                        stat[1] = stat[1] + e
+                        stat[1] = stat[1] + score[jj]
                         for dd in T.vectorized(d):
-                            acc[dd] = acc[dd] + e * cv[bi, g, j, dd]
+                            acc[dd] = acc[dd] + score[jj] * cv[bi, g, j, dd]
                 stat[0] = top
             for dd in T.vectorized(d):
                 o[bi, i, h * d + dd] = acc[dd] / stat[1]
@@ -229,9 +261,9 @@ def linear_nbits(n: int, k: int, bits: int, group: int, zeros: bool):
         z = T.match_buffer(z_h, (zn, zg, LANES), "float32")
         y = T.match_buffer(y_h, (m, n), "float32")
         for jo in T.parallel(nb):
-            acc = T.decl_buffer((ROWS, LANES), "float32", scope="local")
-            part = T.decl_buffer((ROWS, LANES), "float32", scope="local")
-            zero = T.decl_buffer((LANES,), "float32", scope="local")
+            acc = T.decl_buffer((ROWS, LANES), "float32", scope="global")
+            part = T.decl_buffer((ROWS, LANES), "float32", scope="global")
+            zero = T.decl_buffer((LANES,), "float32", scope="global")
             for mo in range(m // ROWS):
                 for mi in T.unroll(ROWS):
                     for ji in T.vectorized(LANES):

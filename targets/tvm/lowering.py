@@ -45,7 +45,7 @@ def rotary(width: int, rot: int, interleaved: bool):
         sin = T.match_buffer(sin_h, (c, half), "float32")
         pos = T.match_buffer(pos_h, (b, s), "int64")
         o = T.match_buffer(o_h, (b, s, width), "float32")
-        for t in T.parallel(b * s):
+        for t in range(b * s):  # light work: serial beats a parallel launch at decode
             for h in range(heads):
                 for j in range(half):
                     p = pos[t // s, t % s]
