@@ -301,6 +301,39 @@ class PaddedRows:
         )
 
 
+class ConcatRows(PaddedRows):
+    """A concat-mode cache the runtime feeds back each step: one [B, KV heads, T, head dim]
+    array per past input (`_past`, None before a prefill) with a PositionTracker mask. A
+    target's sequence mixes it in (with Sequence) and implements only `_extend`."""
+
+    def _start_concat(self, model: Model) -> None:
+        self._positions = PositionTracker(model.max_context)
+        self._past: list[np.ndarray] | None = None
+        cache = model.io.cache
+        self._empty = (cache.kv_heads, cache.head_dim, np.dtype(cache.dtype))
+
+    def _empty_past(self, rows: int) -> list[np.ndarray]:
+        heads, dim, dtype = self._empty
+        return [np.zeros((rows, heads, 0, dim), dtype)] * len(self.model.io.past_inputs)
+
+    def _reset(self) -> None:
+        self._positions.reset()
+        self._past = None
+
+    def _lengths(self) -> np.ndarray:
+        return self._positions.lengths
+
+    def _truncate(self, lengths: np.ndarray) -> None:
+        cut = self._positions.truncate(lengths)
+        self._past = [p[:, :, :cut] for p in self._past]
+
+    def _states(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.model.io.past_inputs, self._past, strict=True))
+
+    def _load_states(self, states: dict[str, np.ndarray]) -> None:
+        self._past = [states[name] for name in self.model.io.past_inputs]
+
+
 def token_bytes(cache) -> int:
     """Bytes one position of one row takes in the KV cache (every layer's key and value)."""
     return 2 * cache.layers * cache.kv_heads * cache.head_dim * np.dtype(cache.dtype).itemsize

@@ -16,8 +16,8 @@ import numpy as np
 
 from llmc.contract import KVMode, Logits
 from llmc.errors import SessionError
+from llmc.runtime.session import ConcatRows, Sequence, SessionOptions
 from llmc.runtime.session import Model as BaseModel
-from llmc.runtime.session import PaddedRows, PositionTracker, Sequence, SessionOptions
 from llmc.targets.base import step_feeds
 from llmc.targets.onnx.rescore import LmHeadRescorer, rescore_positions
 from llmc.targets.onnx.shared_kv import SharedKVSequence
@@ -147,32 +147,12 @@ class Model(BaseModel):
             )
 
 
-class ConcatKVSequence(PaddedRows, Sequence):
+class ConcatKVSequence(ConcatRows, Sequence):
     """Concat-mode KV cache: the runtime keeps past tensors and feeds them back each step."""
 
     def __init__(self, model: Model):
         super().__init__(model)
-        io = model.io
-        self._positions = PositionTracker(model.max_context)
-        self._past: list[np.ndarray] | None = None
-        self._empty = (io.cache.kv_heads, io.cache.head_dim, np.dtype(io.cache.dtype))
-
-    def _reset(self) -> None:
-        self._positions.reset()
-        self._past = None
-
-    def _lengths(self) -> np.ndarray:
-        return self._positions.lengths
-
-    def _truncate(self, lengths: np.ndarray) -> None:
-        cut = self._positions.truncate(lengths)
-        self._past = [p[:, :, :cut] for p in self._past]
-
-    def _states(self) -> dict[str, np.ndarray]:
-        return dict(zip(self.model.io.past_inputs, self._past, strict=True))
-
-    def _load_states(self, states: dict[str, np.ndarray]) -> None:
-        self._past = [states[name] for name in self.model.io.past_inputs]
+        self._start_concat(model)
 
     def _extend(self, ids: np.ndarray, mask: np.ndarray | None, last_only: bool) -> np.ndarray:
         m = self.model
@@ -180,9 +160,7 @@ class ConcatKVSequence(PaddedRows, Sequence):
         live = self._past is not None
         feeds = step_feeds(self._positions, ids, mask, all_positions=not last_only)
         if not live:
-            heads, dim, dtype = self._empty
-            empty = np.zeros((ids.shape[0], heads, 0, dim), dtype)
-            self._past = [empty] * len(m.io.past_inputs)
+            self._past = self._empty_past(ids.shape[0])
         feeds = {k: v for k, v in feeds.items() if k in m.inputs}
         feeds.update(zip(m.io.past_inputs, self._past, strict=True))
         sess, rescore = m.session_for(ids.shape[1], live)

@@ -161,12 +161,16 @@ class Converters:
         x = imp.env[x_node]
         if not self._packable(imp, w_node) or x.ty.dtype != "float32":
             return imp._linear(node)
-        bb = imp.block_builder
         n, k = (int(d) for d in imp.env[w_node].ty.shape)
-        x2, lead, rows = self._rows(imp, x, k)
         gv = self._kernel(imp, ("linear", n, k), lambda: kernels.linear(n, k))
-        packed = self._pack(imp, imp.env[w_node])
-        y = bb.emit(relax.op.call_tir(gv, [x2, packed], relax.TensorType([rows, n], "float32")))
+        return self._matmul(imp, gv, x, k, n, [self._pack(imp, imp.env[w_node])], bias)
+
+    def _matmul(self, imp, gv, x, k: int, n: int, weights: list, bias) -> relax.Expr:
+        """x [..., K] through the matmul kernel `gv` with its weight arguments -> [..., N]."""
+        bb = imp.block_builder
+        x2, lead, rows = self._rows(imp, x, k)
+        out = relax.TensorType([rows, n], "float32")
+        y = bb.emit(relax.op.call_tir(gv, [x2, *weights], out))
         if bias is not None:
             y = bb.emit(relax.op.add(y, imp.env[bias]))
         return bb.emit(relax.op.reshape(y, [*lead, n]))
@@ -177,20 +181,15 @@ class Converters:
         zeros = None if node.args[3] is None else imp.env[node.args[3]]
         bits, group = int(node.args[4]), int(node.args[5])
         bias = node.args[6] if len(node.args) > 6 else None
-        bb = imp.block_builder
         n, groups = (int(d) for d in scales.ty.shape)
         k = groups * group
-        x2, lead, rows = self._rows(imp, x, k)
         key = ("linear_nbits", n, k, bits, group, int(zeros is not None))
         gv = self._kernel(
             imp, key, lambda: kernels.linear_nbits(n, k, bits, group, zeros is not None)
         )
         z = self._pack(imp, zeros) if zeros is not None else self._placeholder_zeros((1, 1, 16))
-        args = [x2, self._pack(imp, codes), self._pack(imp, scales), z]
-        y = bb.emit(relax.op.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
-        if bias is not None:
-            y = bb.emit(relax.op.add(y, imp.env[bias]))
-        return bb.emit(relax.op.reshape(y, [*lead, n]))
+        weights = [self._pack(imp, codes), self._pack(imp, scales), z]
+        return self._matmul(imp, gv, x, k, n, weights, bias)
 
     def embedding_nbits(self, node: fx.Node, imp) -> relax.Expr:
         """llmc::embedding_nbits: rows dequantized from the table in llmc's layout."""

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from llmc.contract import KVMode
+from llmc.runtime.session import ConcatRows, Sequence, SessionOptions, token_bytes
 from llmc.runtime.session import Model as BaseModel
-from llmc.runtime.session import PaddedRows, PositionTracker, Sequence, SessionOptions, token_bytes
 from llmc.targets.base import step_feeds
 
 ALIGN = 64  # bytes: what TVM's kernels assume of a tensor's address
@@ -242,41 +242,19 @@ class SharedSequence(Sequence):
         return self._slots * self._capacity * token_bytes(self.model.io.cache)
 
 
-class ConcatSequence(PaddedRows, Sequence):
+class ConcatSequence(ConcatRows, Sequence):
     """Concat-mode KV cache: the runtime keeps the past tensors and feeds them back each step."""
 
     def __init__(self, model: Model):
         super().__init__(model)
         self._main = model.vm()
-        self._positions = PositionTracker(model.max_context)
-        self._past: list[np.ndarray] | None = None
-        cache = model.io.cache
-        self._geometry = (cache.kv_heads, cache.head_dim, np.dtype(cache.dtype))
-
-    def _reset(self) -> None:
-        self._positions.reset()
-        self._past = None
-
-    def _lengths(self) -> np.ndarray:
-        return self._positions.lengths
-
-    def _truncate(self, lengths: np.ndarray) -> None:
-        cut = self._positions.truncate(lengths)
-        self._past = [p[:, :, :cut] for p in self._past]
-
-    def _states(self) -> dict[str, np.ndarray]:
-        return dict(zip(self.model.io.past_inputs, self._past, strict=True))
-
-    def _load_states(self, states: dict[str, np.ndarray]) -> None:
-        self._past = [states[name] for name in self.model.io.past_inputs]
+        self._start_concat(model)
 
     def _extend(self, ids: np.ndarray, mask: np.ndarray | None, last_only: bool) -> np.ndarray:
         io = self.model.io
         feeds = step_feeds(self._positions, ids, mask, all_positions=not last_only)
         if self._past is None:
-            heads, dim, dtype = self._geometry
-            empty = np.zeros((ids.shape[0], heads, 0, dim), dtype)
-            self._past = [empty] * len(io.past_inputs)
+            self._past = self._empty_past(ids.shape[0])
         inputs = [feeds[name] for name in io.inputs if name in feeds]
         out = self._main(*map(_tensor, inputs), *map(_tensor, self._past), *self.model.params)
         self._past = [out[i].numpy() for i in range(1, len(io.present_outputs) + 1)]
