@@ -9,7 +9,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from llmc.contract import IOContract
-    from llmc.runtime.session import PositionTracker
+    from llmc.runtime.padded import PositionTracker
 
 
 @dataclass

@@ -129,7 +129,7 @@ def test_huge_pages_keep_contents_and_are_used_where_linux_allows():
 
 
 def test_step_feeds_extend_the_tracked_mask():
-    from llmc.runtime.session import PositionTracker
+    from llmc.runtime.padded import PositionTracker
     from llmc.targets.base import step_feeds
 
     tracker = PositionTracker(16)

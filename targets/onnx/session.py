@@ -16,8 +16,9 @@ import numpy as np
 
 from llmc.contract import KVMode, Logits
 from llmc.errors import SessionError
-from llmc.runtime.session import ConcatRows, Sequence, SessionOptions
+from llmc.runtime.padded import ConcatRows
 from llmc.runtime.session import Model as BaseModel
+from llmc.runtime.session import Sequence, SessionOptions
 from llmc.targets.base import step_feeds
 from llmc.targets.onnx.rescore import LmHeadRescorer, rescore_positions
 from llmc.targets.onnx.shared_kv import SharedKVSequence

@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from llmc.errors import SessionError
+from llmc.runtime.padded import PaddedRows, PositionTracker
 from llmc.runtime.session import Model as BaseModel
-from llmc.runtime.session import PaddedRows, PositionTracker, SessionOptions
 from llmc.runtime.session import Sequence as BaseSequence
+from llmc.runtime.session import SessionOptions
 from llmc.targets.base import step_feeds
 
 # Every CPU-plugin property of OpenVINO 2026.4 that changes the arithmetic, pinned, so that

@@ -148,13 +148,12 @@ def relax_pipeline(target):
     return pipeline
 
 
-ALIGN = 64  # bytes: TVM's kernels assume tensors aligned to this
-
-
 def save_params(path: Path, arrays) -> list[dict]:
     """The arrays back to back in one file, each at an offset aligned for TVM's kernels, so
     that a session maps them without copying; returns where each is."""
     import numpy as np
+
+    from llmc.targets.tvm.session import ALIGN
 
     index, offset = [], 0
     with open(path, "wb") as out:

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from llmc.contract import KVMode
-from llmc.runtime.session import ConcatRows, Sequence, SessionOptions, token_bytes
+from llmc.runtime.padded import ConcatRows
 from llmc.runtime.session import Model as BaseModel
+from llmc.runtime.session import Sequence, SessionOptions, token_bytes
 from llmc.targets.base import step_feeds
 
 ALIGN = 64  # bytes: what TVM's kernels assume of a tensor's address
