@@ -1,6 +1,6 @@
 """Decode speed, TTFT, build time, size and peak RSS of llmc vs the target's own engine
-(onnxruntime-genai for onnx, OpenVINO GenAI on optimum-intel's export for openvino) and
-transformers eager (JSON out).
+(onnxruntime-genai for onnx, OpenVINO GenAI on optimum-intel's export for openvino, PyTorch
+for inductor) and transformers eager (JSON out).
 
 Protocol (bench/README.md): SmolLM2-135M-Instruct, chat prompt, greedy, exactly 128 new tokens,
 2 threads, 1 warm-up then the median of 3 runs; each engine runs in its own process so that its
@@ -240,10 +240,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--target",
-        choices=["onnx", "openvino", "tvm"],
+        choices=["onnx", "openvino", "tvm", "inductor"],
         default="onnx",
         help="onnx: vs onnxruntime-genai; openvino: vs OpenVINO GenAI on optimum-intel's IR; "
-        "tvm: vs llmc's ONNX artifact of the same precision and onnxruntime-genai.",
+        "tvm: vs llmc's ONNX artifact of the same precision and onnxruntime-genai; inductor: "
+        "vs transformers eager (its own engine is PyTorch).",
     )
     parser.add_argument(
         "--precision",
@@ -315,7 +316,7 @@ def main():
         python = reference_env()
         ref = ["--ref-model", str(reference_model(python, args.precision))]
         children["onnxruntime-genai"] = lambda: _child("ort-genai", args, str(python), ref)
-    else:
+    elif args.target == "openvino":
         python = ov_env()
         ref = ["--ref-model", str(ov_model(python, args.precision))]
         ref += extra

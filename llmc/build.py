@@ -107,6 +107,8 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
             emitting(config.target, graph.spec.architecture),
         ):
             emitted = target.emit(graph, tmp, options)
+        for note in emitted.notes:
+            progress.note(note)
         loaded.tokenizer.save_pretrained(tmp)
         manifest = assemble(config, source, graph, emitted, reports, loaded, calibration)
         if draft:
@@ -119,7 +121,12 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
 
             with progress.stage(f"perplexity on {Path(config.eval_file).name}"):
                 evaluation = evaluate_build(
-                    target.model_class(), tmp, manifest, config, loaded.model, loaded.tokenizer
+                    target.model_class(verify=True),
+                    tmp,
+                    manifest,
+                    config,
+                    loaded.model,
+                    loaded.tokenizer,
                 )
             manifest["evaluation"] = evaluation
             progress.note(describe(evaluation))
@@ -162,7 +169,7 @@ def _verify(config, source, loaded, target, directory: Path, graph, progress) ->
     what = "the quantized graph in PyTorch" if quantized else "PyTorch eager"
     with progress.stage(f"verify against {what}"):
         found = verify_artifact(
-            target.model_class(),
+            target.model_class(verify=True),
             directory,
             read_manifest(directory, check_files=False),
             loaded.model,

@@ -22,6 +22,7 @@ class BuildConfig:
     draft_layers: int | None = None  # a self-speculative draft: the first N decoder layers
     decode_steps: int = 8
     precision: str | None = None  # OpenVINO compute precision at run time: "f32" (default) | "bf16"
+    autotune: bool | None = None  # inductor: autotune its matmul kernels (default: yes)
     # quantization (passes/quantize_weights.py); None: fp32
     quant: str | None = None  # "int8" | "int4" | "gptq" | "awq"
     group_size: int = 32  # 0: one group per output channel

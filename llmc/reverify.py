@@ -27,7 +27,7 @@ def reverify(directory: Path, tolerance: float | None = None):
             f"the source model {recorded['ref']} has changed since {directory} was built; "
             "rebuild the artifact."
         )
-    model_class = get(manifest["target"]["name"]).model_class()
+    model_class = get(manifest["target"]["name"]).model_class(verify=True)
     tol = tolerance or manifest["verification"].get("tolerance") or default_tolerance(source.kind)
     steps = manifest["verification"].get("decode_steps", 8)
     found = verify_artifact(

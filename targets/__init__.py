@@ -12,7 +12,7 @@ from llmc.errors import TargetError
 
 # BuildConfig fields (and `llmc build` flags) that only some targets take: a target takes those its
 # `Options` dataclass (in its package's __init__) has a field for.
-TARGET_FLAGS = ("precision",)
+TARGET_FLAGS = ("precision", "autotune")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,10 @@ class KVVariant:
 
     mode: KVMode
     passes: str | None = None
+    # Which tiny families the suite builds it for (None: all of its list). A target whose every
+    # build compiles C++ (inductor: ~40 s a tiny model) runs a spread, to keep CI in time.
+    families: tuple[str, ...] | None = None
+    quant_families: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,10 +73,15 @@ class TargetInfo:
             )
         return self.options_class()(**given)
 
-    def model_class(self):
-        """The runtime Model class of the target (runtime/session.py's protocol)."""
-        return importlib.import_module(f"{self.module}.session").Model
+    def model_class(self, verify: bool = False):
+        """The runtime Model class of the target (runtime/session.py's protocol); `verify`: the
+        one a build verifies with (a target whose own runtime cannot run here has another)."""
+        session = importlib.import_module(f"{self.module}.session")
+        return getattr(session, "VerifyModel", session.Model) if verify else session.Model
 
+
+# A plain llama, and a partial rotary with LayerNorm and a biased fused QKV (phi).
+INDUCTOR_FAMILIES = ("llama", "phi")
 
 TARGETS: dict[str, TargetInfo] = {
     t.name: t
@@ -84,7 +93,17 @@ TARGETS: dict[str, TargetInfo] = {
             "pip install 'llmc[onnx]'",
             description="ONNX graph run by onnxruntime (CPU)",
             runtime="onnxruntime",
-            kv_variants=(KVVariant(KVMode.SHARED), KVVariant(KVMode.CONCAT, "-rewire_kv_cache")),
+            kv_variants=(
+                KVVariant(KVMode.SHARED),
+                # the second mode of the same lowering: a spread of families (plain, soft-capped
+                # with a window, partial rotary with LayerNorm, learned positions), one quantized
+                KVVariant(
+                    KVMode.CONCAT,
+                    "-rewire_kv_cache",
+                    families=("llama", "gemma2", "phi", "gpt2"),
+                    quant_families=("llama",),
+                ),
+            ),
         ),
         TargetInfo(
             "openvino",
@@ -102,15 +121,28 @@ TARGETS: dict[str, TargetInfo] = {
             "pip install 'llmc[tvm]'",
             description="TVM Relax module compiled for this CPU, run by TVM's Relax VM",
             runtime="tvm",
-            kv_variants=(KVVariant(KVMode.SHARED),),
+            # its quantized kernels are the same in every family, whose graphs fp32 covers
+            kv_variants=(KVVariant(KVMode.SHARED, quant_families=("llama", "phi")),),
         ),
         TargetInfo(
             "tensorrt",
             "llmc.targets.tensorrt",
-            ("tensorrt",),
-            "pip install 'llmc[tensorrt]' from NVIDIA's index",
-            ready=False,
-            description="TensorRT engine (planned)",
+            ("onnx", "onnxruntime", "onnxscript"),
+            "pip install 'llmc[onnx]' for the network; the engine needs TensorRT >= 10.15 "
+            "(NVIDIA's index) and an NVIDIA GPU",
+            description="standard-ONNX network + build spec; TensorRT engine where TensorRT runs",
+            runtime="tensorrt",
+        ),
+        TargetInfo(
+            "inductor",
+            "llmc.targets.inductor",
+            ("torch",),
+            "pip install 'llmc[compile]' (torch, with a C++ compiler for CPU packages)",
+            description="AOTInductor package (.pt2) run by torch (CPU; CUDA where a GPU is)",
+            runtime="torch",
+            kv_variants=(
+                KVVariant(KVMode.SHARED, families=INDUCTOR_FAMILIES, quant_families=("llama",)),
+            ),
         ),
     )
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,6 +22,7 @@ class EmitResult:
     flavor: str = "onnxruntime-cpu"
     io: IOContract | None = None  # the graph's contract as the target changed it (else as traced)
     target: dict | None = None  # extra manifest "target" entries (precision, fused ops)
+    notes: list[str] = field(default_factory=list)  # what the build tells the user (one line each)
 
 
 def step_feeds(

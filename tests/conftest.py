@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
+
 import pytest
 
 # Fourteen families: attention, norm, RoPE and MLP variants (README, "Support matrix").
@@ -13,18 +17,28 @@ TINY_ARCHS = [
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory):
-    """Build (once) and return the artifact directory of tiny:ARCH."""
-    built = {}
+    """Build (once per test run, whichever xdist worker asks first; the other waits for it)
+    and return the artifact directory of tiny:ARCH. Tests copy an artifact before changing it."""
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the run's own
+    cache = shared / "tiny-artifacts"
+    cache.mkdir(exist_ok=True)
 
     def get(arch: str, **overrides):
-        key = (arch, tuple(sorted(overrides.items())))
-        if key not in built:
-            from llmc.build import build
-            from llmc.config import BuildConfig
+        if overrides.get("target") == "inductor":
+            # Inductor's kernel choice changes no behaviour the tests check, and autotuning
+            # costs a tiny build 50 s (bench/bench_decode.py checks the autotuned SmolLM2)
+            overrides.setdefault("autotune", False)
+        key = repr((arch, sorted(overrides.items())))
+        out = cache / f"{arch}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+        with open(f"{out}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not (out / "llmc.json").is_file():
+                from llmc.build import build
+                from llmc.config import BuildConfig
 
-            out = tmp_path_factory.mktemp(f"tiny-{arch}") / "artifact"
-            built[key] = build(BuildConfig(model=f"tiny:{arch}", out=out, **overrides)).path
-        return built[key]
+                build(BuildConfig(model=f"tiny:{arch}", out=out, **overrides))
+        return out
 
     return get
 

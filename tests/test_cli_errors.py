@@ -108,15 +108,12 @@ def test_unreadable_gguf(tmp_path):
     assert_nothing_written(out)
 
 
-def test_unknown_and_planned_targets(tmp_path):
+def test_unknown_target(tmp_path):
     out = tmp_path / "out"
     assert_user_error(
         invoke("build", "tiny:llama", "--target", "coreml", "-o", out),
         "unknown target 'coreml'",
         "onnx",
-    )
-    assert_user_error(
-        invoke("build", "tiny:llama", "--target", "tensorrt", "-o", out), "not implemented yet"
     )
     assert_nothing_written(out)
 

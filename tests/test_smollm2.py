@@ -81,13 +81,9 @@ def test_graph_is_fused(smollm2):
     assert reports["replace_attention"]["counts"]["attention"] == layers
 
 
-@pytest.mark.parametrize(
-    "prompt",
-    [
-        "Write a long story about a lighthouse keeper.",
-        "Explain why the sky is blue.",
-    ],
-)
+# One prompt here (the prompt-lookup test below decodes the benchmark's prompt, and
+# bench/bench_decode.py compares its 128 greedy tokens with transformers').
+@pytest.mark.parametrize("prompt", ["Explain why the sky is blue."])
 def test_128_greedy_tokens_match_transformers(smollm2, reference, prompt):
     gen = rt.load(smollm2)
     messages = [{"role": "user", "content": prompt}]

@@ -69,7 +69,8 @@ def test_inspect_verify_and_targets_commands(tiny_artifact):
     checked = runner.invoke(cli, ["verify", path])
     assert checked.exit_code == 0 and "greedy agreement 18/18" in checked.stdout
     listed = runner.invoke(cli, ["targets"]).stdout
-    assert "onnx" in listed and "ready" in listed and "planned" in listed
+    assert "onnx" in listed and "ready" in listed and "[runtime: onnxruntime]" in listed
+    assert "builds; runs where tensorrt is" in listed  # the network is built here, not run
 
 
 def test_newer_toolchain_is_refused(tiny_artifact, tmp_path):

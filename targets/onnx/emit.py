@@ -44,23 +44,16 @@ def _drop_unused_optional_outputs(model) -> int:
     return dropped
 
 
-def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
-    import onnx
-    import onnxruntime
-    import onnxscript
+def export(program, graph: Graph, table: dict, path: Path, opset: int | None = None) -> None:
+    """`torch.onnx.export` of `program` with the graph's input and output names and llmc's
+    translation `table`, saved to `path` with its weights in one external file (no 2 GB
+    protobuf limit, and the graph stays small)."""
     import torch
 
-    from llmc.compiler import ops
-    from llmc.targets.onnx.lowering import translation_table
-
-    path = Path(out_dir) / MODEL_FILE
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    table = translation_table(shared_kv=graph.kv_mode is KVMode.SHARED)
-    # Ops onnxruntime has no kernel for in this form go back to plain ATen (DESIGN.md).
-    program = ops.decompose(graph.program, keep=set(table))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
+        exported = torch.onnx.export(
             program,
             (),
             dynamo=True,
@@ -69,9 +62,23 @@ def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
             input_names=graph.input_names,
             output_names=graph.output_names,
             custom_translation_table=table,
+            **({"opset_version": opset} if opset else {}),
         )
-    # Weights always go to one external file: no 2 GB protobuf limit, and the graph stays small.
-    program.save(str(path), external_data=True)
+    exported.save(str(path), external_data=True)
+
+
+def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    from llmc.compiler import ops
+    from llmc.targets.onnx.lowering import translation_table
+
+    path = Path(out_dir) / MODEL_FILE
+    table = translation_table(shared_kv=graph.kv_mode is KVMode.SHARED)
+    # Ops onnxruntime has no kernel for in this form go back to plain ATen (DESIGN.md).
+    export(ops.decompose(graph.program, keep=set(table)), graph, table, path)
     model = onnx.load(str(path), load_external_data=False)
     if any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in model.graph.node):
         from llmc.targets.onnx import layouts

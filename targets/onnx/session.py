@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -48,6 +49,7 @@ def _open(
     accuracy_level: int | None = None,
     rescore=False,
     spin: bool = True,
+    config: dict | None = None,
 ):
     """An onnxruntime session and its lm_head rescorer (or None). `accuracy_level` overrides
     every MatMulNBits' (0: dequantize the weights and multiply in fp32, exactly what the llmc op
@@ -66,6 +68,8 @@ def _open(
     opts.add_session_config_entry("session.set_denormal_as_zero", "0")
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     path = Path(directory) / manifest["target"]["files"]["model"]
     providers = ["CPUExecutionProvider"]
     if accuracy_level is None and not rescore:
@@ -95,6 +99,7 @@ class Model(BaseModel):
 
     spins = True
     short_extend = SHORT_EXTEND  # what its sequences keep bindings for
+    session_config: ClassVar[dict[str, str]] = {}  # onnxruntime session config entries
 
     def __init__(self, directory, manifest: dict, options: SessionOptions | None = None):
         super().__init__(directory, manifest, options)
@@ -103,8 +108,9 @@ class Model(BaseModel):
         fast = quantized and not exact
         self.fast_kernels = FAST_KERNELS if fast else None
         spin = self.options.spin
+        config = self.session_config
         self.decode_session, self.rescore = _open(
-            directory, manifest, threads, 0 if exact and quantized else None, fast, spin
+            directory, manifest, threads, 0 if exact and quantized else None, fast, spin, config
         )
         self.prefill_session = self.decode_session
         self.chunk = EXACT_PREFILL_CHUNK if quantized else PREFILL_CHUNK
@@ -113,7 +119,9 @@ class Model(BaseModel):
         # that scratch (four int8 SmolLM2 prompts at once: peak RSS 1.56x one's, 1.0x in turn).
         self.exact_steps = threading.Lock() if quantized else contextlib.nullcontext()
         if fast:
-            self.prefill_session, _ = _open(directory, manifest, threads, 0, spin=spin)
+            self.prefill_session, _ = _open(
+                directory, manifest, threads, 0, spin=spin, config=config
+            )
         self.inputs = {i.name for i in self.decode_session.get_inputs()}
         self.last_only = self.io.logits is Logits.LAST  # artifacts from before logits_index
 

@@ -5,10 +5,8 @@ read, into one buffer that TVM uses as it is. Each sequence has its own VM (a VM
 per call stack, not shared between threads) over the model's packed weights, and keeps its KV
 cache in one of two modes:
 - `shared` (the default pipeline): one [slots, KV heads, capacity, D] buffer per layer and kind,
-  written in place by the step; every row holds its tokens from position 0, so a row's length is
-  all the cache needs: truncating rewinds it, rows of a prompt batch prefill one by one through
-  views of their slots (no padding), joining rows take free slots, leaving rows are compacted.
-  Slots and capacity grow by doubling.
+  written in place by the step, through views of the slots a step runs on; the slots' bookkeeping
+  (prefill row by row, joins, compaction, growth) is runtime/slots.py's.
 - `concat` (a model whose attention stays its own, or `--passes -rewire_kv_cache`): the runtime
   feeds the present tensors back as the next step's past, left-padded (PaddedRows).
 """
@@ -23,11 +21,11 @@ import numpy as np
 from llmc.contract import KVMode
 from llmc.runtime.padded import ConcatRows
 from llmc.runtime.session import Model as BaseModel
-from llmc.runtime.session import Sequence, SessionOptions, token_bytes
+from llmc.runtime.session import Sequence, SessionOptions
+from llmc.runtime.slots import SlotSequence
 from llmc.targets.base import step_feeds
 
 ALIGN = 64  # bytes: what TVM's kernels assume of a tensor's address
-MIN_CAPACITY = 256  # positions a fresh shared cache holds before it first doubles
 
 
 def _tensor(array: np.ndarray):
@@ -118,7 +116,7 @@ class Model(BaseModel):
         return ConcatSequence(self)
 
 
-class SharedSequence(Sequence):
+class SharedSequence(SlotSequence):
     """Shared KV buffers written in place; see the module's docstring."""
 
     def __init__(self, model: Model):
@@ -126,32 +124,11 @@ class SharedSequence(Sequence):
         self._main = model.vm()
         cache = model.io.cache
         self._geometry = (cache.kv_heads, cache.head_dim, np.dtype(cache.dtype))
-        self._buffers: list | None = None  # 2 * layers tensors [slots, KVH, capacity, D]
         self._view_cache: dict[tuple[int, int], list] = {}  # (first slot, rows) -> views
-        self._len = np.zeros(0, np.int64)  # tokens each live row holds
 
     # -- buffers -------------------------------------------------------------------------------
-    @property
-    def _slots(self) -> int:
-        return 0 if self._buffers is None else int(self._buffers[0].shape[0])
-
-    @property
-    def _capacity(self) -> int:
-        return 0 if self._buffers is None else int(self._buffers[0].shape[2])
-
-    def _reserve(self, rows: int, positions: int) -> None:
-        """Buffers with at least `rows` slots and `positions` positions, grown by doubling;
-        what the live rows hold is kept."""
-        slots, capacity = max(self._slots, 1), max(self._capacity, MIN_CAPACITY)
-        while slots < rows:
-            slots *= 2
-        while capacity < positions:
-            capacity *= 2
-        capacity = min(capacity, self.max_context)
-        if self._buffers is not None and (slots, capacity) == (self._slots, self._capacity):
-            return
+    def _resize(self, slots: int, capacity: int, live: int, held: int) -> None:
         heads, dim, dtype = self._geometry
-        live, held = len(self._len), int(self._len.max(initial=0))
         fresh = []
         for old in self._buffers or [None] * len(self.model.io.past_inputs):
             new = np.zeros((slots, heads, capacity, dim), dtype)
@@ -192,55 +169,15 @@ class SharedSequence(Sequence):
         )
         return out[0].numpy()
 
-    def _extend(self, ids: np.ndarray, mask: np.ndarray | None, last_only: bool) -> np.ndarray:
-        b, s = ids.shape
-        if len(self._len) == 0:  # a prefill: rows of different lengths go one by one
-            self._len = np.zeros(b, np.int64)
-            if mask is not None and not mask.all():
-                rows = [row[m == 1] for row, m in zip(ids, mask, strict=True)]
-                self._reserve(b, max(len(r) for r in rows))
-                logits = [self._prefill_row(i, r, last_only) for i, r in enumerate(rows)]
-                return np.concatenate(logits)
-        self._reserve(b, int(self._len.max()) + s)
-        logits = self._run(0, ids, self._len, last_only)
-        self._len = self._len + s
-        return logits
-
-    def _prefill_row(self, slot: int, row: np.ndarray, last_only: bool) -> np.ndarray:
-        logits = self._run(slot, row[None], np.zeros(1, np.int64), last_only)
-        self._len[slot] = len(row)
-        return logits
-
-    def _truncate(self, lengths: np.ndarray) -> None:
-        self._len = lengths.astype(np.int64)
-
-    def _lengths(self) -> np.ndarray:
-        return self._len.copy()
-
-    def _reset(self) -> None:
-        self._len = np.zeros(0, np.int64)
-
     def _release(self) -> None:
         self._buffers = None
         self._view_cache = {}
 
-    def _add(self, rows: list[np.ndarray]) -> np.ndarray:
-        live = len(self._len)
-        self._reserve(live + len(rows), max(int(self._len.max()), *map(len, rows)))
-        self._len = np.concatenate([self._len, np.zeros(len(rows), np.int64)])
-        return np.concatenate(
-            [self._prefill_row(live + i, r, True)[:, -1] for i, r in enumerate(rows)]
-        )
-
-    def _remove(self, keep: np.ndarray) -> None:
+    def _compact(self, keep: np.ndarray) -> None:
         for new, old in enumerate(keep):
             if new != old:
                 for dst, src in zip(self._views(new, 1), self._views(int(old), 1), strict=True):
                     src.copyto(dst)
-        self._len = self._len[keep]
-
-    def _kv_bytes(self) -> int:
-        return self._slots * self._capacity * token_bytes(self.model.io.cache)
 
 
 class ConcatSequence(ConcatRows, Sequence):
