@@ -55,3 +55,10 @@ def tiny_model():
         return cache[arch]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end SmolLM2 tests first (stable otherwise): the two xdist workers start on the
+    longest work and fill in with short tests, instead of one of them finishing a long test
+    alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -32,6 +32,7 @@ def int4(tmp_path_factory):
     return build(tmp_path_factory, "int4")
 
 
+@pytest.mark.heavy  # its build and evaluation take 3 minutes: `make test-heavy`, not CI
 def test_int8_perplexity_within_1_percent_and_same_32_greedy_tokens(int8):
     """With the exact kernels, 32 greedy tokens equal fp32's. onnxruntime's fast decode kernels
     quantize activations to int8: even with the lm_head's top logits rescored exactly
