@@ -101,5 +101,8 @@ class SlotSequence(Sequence):
         self._compact(keep)
         self._len = self._len[keep]
 
+    def _release(self) -> None:
+        self._buffers = None
+
     def _kv_bytes(self) -> int:
         return self._slots * self._capacity * token_bytes(self.model.io.cache)

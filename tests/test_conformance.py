@@ -7,6 +7,8 @@ not by copying a test file."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -51,14 +53,14 @@ def _cases(quant: bool) -> list:
     cases = []
     for name, info in RUNNABLE.items():
         for v in info.kv_variants:
-            chosen = v.quant_families if quant else v.families
-            for arch in chosen or (QUANT_FAMILIES if quant else TINY_ARCHS):
-                case_id = f"{arch}-{name}-{v.mode.value}"
-                if not quant:
-                    cases.append(pytest.param(arch, name, v.mode, v.passes, id=case_id))
-                for level in v.quant_levels if quant else ():
-                    args = (arch, name, v.mode, v.passes, level)
-                    cases.append(pytest.param(*args, id=f"{case_id}-{level}"))
+            if quant:
+                families, levels = v.quant_families or QUANT_FAMILIES, v.quant_levels
+            else:
+                families, levels = v.families or TINY_ARCHS, (None,)
+            for arch, level in itertools.product(families, levels):
+                args = (arch, name, v.mode, v.passes, *([level] if level else []))
+                case_id = "-".join([arch, name, v.mode.value, *([level] if level else [])])
+                cases.append(pytest.param(*args, id=case_id))
     return cases
 
 

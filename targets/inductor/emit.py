@@ -3,7 +3,6 @@ wrapper that runs them), for this machine's CPU or, when the build runs where CU
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,6 @@ if TYPE_CHECKING:
     from llmc.compiler.graph import Graph
 
 PACKAGE = "model.pt2"
-log = logging.getLogger(__name__)
 
 
 def device() -> str:

@@ -20,8 +20,6 @@ from llmc.runtime.session import Model as BaseModel
 from llmc.runtime.session import Sequence, SessionOptions
 from llmc.runtime.slots import SlotSequence
 
-_threads_set = threading.Lock()
-
 
 class Model(BaseModel):
     """An AOTInductor package loaded on its device, shared by every sequence."""
@@ -39,8 +37,7 @@ class Model(BaseModel):
                 "here with `llmc build --target inductor` (a CPU package)."
             )
         if self.options.threads:
-            with _threads_set:
-                torch.set_num_threads(self.options.threads)
+            torch.set_num_threads(self.options.threads)  # torch's pool: one per process
         self.inputs = target["inputs"]
         self.runner = torch._inductor.aoti_load_package(
             str(Path(directory) / target["files"]["model"])
@@ -104,9 +101,6 @@ class SharedSequence(SlotSequence):
             for buffer, new in zip(self._buffers, present, strict=True):
                 buffer[first : first + b].copy_(new)
         return logits.float().cpu().numpy()
-
-    def _release(self) -> None:
-        self._buffers = None
 
     def _compact(self, keep: np.ndarray) -> None:
         import torch

@@ -36,7 +36,7 @@ def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
     from llmc.compiler import ops
     from llmc.targets.onnx.emit import export
     from llmc.targets.tensorrt import engine, parser_support, quantized
-    from llmc.targets.tensorrt.lowering import OPSET, translation_table
+    from llmc.targets.tensorrt.lowering import OPSET, PLACEHOLDER_DOMAIN, translation_table
 
     if graph.kv_mode is not KVMode.CONCAT:
         raise TargetError(
@@ -47,12 +47,15 @@ def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
     table = translation_table()
     program = _decompose_sdpa(ops.decompose(graph.program, keep=set(table)))
     export(program, graph, table, path, OPSET)
-    model = onnx.load(str(path))
-    rewritten = quantized.rewrite(model)
-    for p in out_dir.glob(MODEL_FILE + "*"):
-        p.unlink()
-    onnx.save(model, str(path), save_as_external_data=True, location=MODEL_FILE + ".data")
     model = onnx.load(str(path), load_external_data=False)
+    rewritten = 0
+    if any(n.domain == PLACEHOLDER_DOMAIN for n in model.graph.node):
+        model = onnx.load(str(path))  # quantized weights are small: rewrite them in memory
+        rewritten = quantized.rewrite(model)
+        for p in out_dir.glob(MODEL_FILE + "*"):
+            p.unlink()
+        # saving moves the weights out of `model`, which keeps only their references
+        onnx.save(model, str(path), save_as_external_data=True, location=MODEL_FILE + ".data")
     onnx.checker.check_model(str(path), full_check=False)
     problems = parser_support.check(model)
     if problems:

@@ -95,6 +95,12 @@ SUPPORTED: dict[str, Op] = {
 }
 
 
+def _type_name(elem_type: int) -> str:
+    import onnx
+
+    return onnx.TensorProto.DataType.Name(elem_type)
+
+
 def _types(model) -> dict[str, str]:
     """The element type of every tensor of `model` that shape inference can name."""
     import onnx
@@ -104,9 +110,9 @@ def _types(model) -> dict[str, str]:
     names = {}
     for v in [*graph.input, *graph.output, *graph.value_info]:
         if v.type.HasField("tensor_type"):
-            names[v.name] = onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)
+            names[v.name] = _type_name(v.type.tensor_type.elem_type)
     for t in graph.initializer:
-        names[t.name] = onnx.TensorProto.DataType.Name(t.data_type)
+        names[t.name] = _type_name(t.data_type)
     return names
 
 
@@ -148,10 +154,8 @@ def check(model) -> list[str]:
             problems.append(f"{where}: the qk_matmul_output output")
         if node.op_type == "LayerNormalization" and any(node.output[1:]):
             problems.append(f"{where}: its Mean or InvStdDev output (TensorRT computes Y only)")
-        if node.op_type == "Cast" and helper.tensor_dtype_to_string(attrs["to"]).split(".")[
-            -1
-        ] not in (TYPES - {"DOUBLE"}):
-            problems.append(f"{where}: cast to {helper.tensor_dtype_to_string(attrs['to'])}")
+        if node.op_type == "Cast" and _type_name(attrs["to"]) not in TYPES - {"DOUBLE"}:
+            problems.append(f"{where}: cast to {_type_name(attrs['to'])}")
     return problems
 
 

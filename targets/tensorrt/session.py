@@ -15,6 +15,8 @@ import dataclasses
 import threading
 from typing import ClassVar
 
+import numpy as np
+
 from llmc.errors import SessionError
 from llmc.runtime.session import Model as BaseModel
 from llmc.runtime.session import Sequence
@@ -72,7 +74,10 @@ class Model(BaseModel):  # pragma: no cover - needs TensorRT and a GPU, absent h
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
         self.inputs = {n for n in names if self.engine.get_tensor_mode(n) == mode}
-        self.dtypes = {n: trt.nptype(self.engine.get_tensor_dtype(n)) for n in names}
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.torch_dtypes = {
+            n: torch.from_numpy(np.empty(0, d)).dtype for n, d in self.dtypes.items()
+        }
         self.last_only = False
         self.lock = threading.Lock()  # one execution context per profile: steps in turn
 
@@ -99,7 +104,7 @@ class Model(BaseModel):  # pragma: no cover - needs TensorRT and a GPU, absent h
             outputs = {}
             for name in names:
                 shape = tuple(context.get_tensor_shape(name))
-                dtype = torch.from_numpy(self.dtypes[name](0).reshape(1)).dtype
+                dtype = self.torch_dtypes[name]
                 outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
                 context.set_tensor_address(name, outputs[name].data_ptr())
             if not context.execute_async_v3(self.stream.cuda_stream):

@@ -170,7 +170,7 @@ class SharedSequence(SlotSequence):
         return out[0].numpy()
 
     def _release(self) -> None:
-        self._buffers = None
+        super()._release()
         self._view_cache = {}
 
     def _compact(self, keep: np.ndarray) -> None:
