@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from llmc.errors import LlmcError, UnsupportedModelError
+from llmc.errors import LlmcError, UnsupportedModelError, refused_write
 
 # An op as torch, the ONNX exporter and OpenVINO's converter name it, most specific first:
 # OpOverload(op='transformers.grouped_mm_fallback', overload='default'), torch.ops.ns.name,
@@ -100,7 +100,7 @@ def _diagnosed(what: Callable[[BaseException], str]) -> Iterator[None]:
     except LlmcError:
         raise
     except Exception as exc:
-        if _raised_by_llmc(exc):
+        if _raised_by_llmc(exc) or refused_write(exc):  # a full disk: the CLI says so
             raise
         raise CannotCompileError(
             f"{what(exc)}: {_first_line(_chain(exc)[-1])}; re-run with --debug for the traceback."

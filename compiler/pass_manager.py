@@ -56,6 +56,7 @@ class PassContext:
     dump_after: tuple[str, ...] = ()
     dump_dir: Path = Path("llmc-dumps")
     dumped: list[Path] = field(default_factory=list)
+    stage_cache: object | None = None  # llmc.cache.StageCache: quantized weights kept on disk
 
     def note(self, pass_name: str, text: str) -> None:
         self.notes[pass_name].append(text)

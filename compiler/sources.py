@@ -171,17 +171,24 @@ def _load_gguf(source: Source):
     return model, transformers.AutoTokenizer.from_pretrained(cached)
 
 
-def _dequantize_gguf(path: Path):
-    import torch
+def gguf_config(path: Path):
+    """The transformers config of a GGUF file (its parser reads the whole file's metadata)."""
     import transformers
 
     try:
-        config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        return transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:  # the GGUF parser raises many kinds of errors
         raise SourceError(
             f"{path} could not be read as a GGUF model ({type(exc).__name__}); check that the file "
             "is complete and not corrupted."
         ) from exc
+
+
+def _dequantize_gguf(path: Path):
+    import torch
+    import transformers
+
+    config = gguf_config(path)
     check_architecture(config)
     quantized = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,13 +21,18 @@ log = logging.getLogger(__name__)
 
 
 class Progress:
-    """Stage reporting; the CLI passes one that draws spinners, the API a silent one."""
+    """Stage reporting; the CLI passes one that draws spinners, the API a silent one. Both keep
+    every stage's seconds (`timings`, for `llmc build --json` and the manifest)."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         yield
-        log.info("%s done in %.1fs", name, time.perf_counter() - start)
+        self.timings[name] = round(time.perf_counter() - start, 2)
+        log.info("%s done in %.1fs", name, self.timings[name])
 
     def note(self, text: str) -> None:
         log.info(text)
@@ -42,6 +49,7 @@ def peak_memory_gb() -> float:
 class BuildResult:
     path: Path
     manifest: dict
+    cache_hit: bool = False
 
 
 def output_path(config: BuildConfig, source_name: str) -> Path:
@@ -49,35 +57,68 @@ def output_path(config: BuildConfig, source_name: str) -> Path:
     return config.out or DEFAULT_ARTIFACTS / f"{source_name}-{config.target}{draft}"
 
 
-def _check_destination(path: Path) -> None:
-    if path.exists() and not (path / MANIFEST).is_file():
-        if path.is_file() or any(path.iterdir()):
+def _check_destination(path: Path) -> bool:
+    """Refuse an --out that is not an artifact or cannot be written, before any heavy work and
+    leaving nothing behind; True when it holds an artifact the build will replace."""
+    probe = None
+    try:
+        replacing = (path / MANIFEST).is_file()
+        if path.exists() and not replacing and (path.is_file() or any(path.iterdir())):
             raise LlmcError(
                 f"{path} exists and is not an llmc artifact; choose another --out or remove it."
             )
+        parent = path.absolute().parent
+        while not parent.exists():  # the directories the build would create
+            parent = parent.parent
+        if not parent.is_dir():
+            raise LlmcError(f"cannot write {path}: {parent} is a file; choose another --out.")
+        probe = parent  # a directory the build could not create is refused here, not at the end
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=parent))
+    except OSError as exc:
+        where = f": {probe} does not take new directories" if probe else ""
+        raise LlmcError(
+            f"cannot write {path}{where} ({exc.strerror or exc}); choose another --out."
+        ) from None
+    return replacing
 
 
-def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
-    """The stages, in order; every flag error is found before the first heavy one."""
+def build(config: BuildConfig, progress: Progress | None = None, loaded=None) -> BuildResult:
+    """The stages, in order; every flag error is found before the first heavy one. `loaded`: the
+    source already in memory (the targets of one multi-target build share it). An identical
+    earlier build (llmc.cache) is reused instead of repeated."""
     from llmc import targets
     from llmc.compiler import sources
     from llmc.compiler.diagnose import emitting
     from llmc.compiler.pass_manager import PassContext, select
 
     progress = progress or Progress()
+    progress.timings = {}  # this build's stages (one Progress serves every target of a build)
     target = targets.get(config.target)
     options = target.options(config)
     config.check()
     source = sources.resolve(config.model)
     out = output_path(config, source.name)
-    _check_destination(out)
+    replacing = _check_destination(out)
+    from llmc.dryrun import check_resources  # estimated memory and disk vs free (exit 2)
+
+    check_resources(config, source, out)
     quant = config.quant_config()
     passes = select(target.pipeline(quant=quant), config.passes, config.dump_after)
-    ctx = PassContext(dump_dir=config.dump_dir, dump_after=config.dump_after)
     started = time.perf_counter()
+    cache = stage_cache(config)
+    key = None
+    if cache is not None:
+        from llmc.cache import artifact_key
 
-    with progress.stage(f"load {source.kind} model {source.ref}"):
-        loaded = sources.load(source)
+        key = artifact_key(config, source, target, passes)
+        hit = cache.artifact(key) if key else None
+        if hit is not None:
+            return _reuse(hit, out, replacing, started, progress)
+    ctx = PassContext(dump_dir=config.dump_dir, dump_after=config.dump_after, stage_cache=cache)
+
+    if loaded is None:
+        with progress.stage(f"load {source.kind} model {source.ref}"):
+            loaded = sources.load(source)
     draft = None
     if config.draft_layers:
         from llmc.compiler.draft import keep_first_layers
@@ -111,6 +152,9 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
             progress.note(note)
         loaded.tokenizer.save_pretrained(tmp)
         manifest = assemble(config, source, graph, emitted, reports, loaded, calibration)
+        from llmc.fidelity import check_tokenizer  # the runtime tokenizer == transformers' (exit 3)
+
+        manifest["tokenizer"] = check_tokenizer(tmp, manifest["generation"], loaded.tokenizer)
         if draft:
             manifest["source"]["draft"] = draft
         files = write_manifest(tmp, manifest)  # the session reads it during verification
@@ -133,8 +177,51 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
             quality_gate(evaluation)
         manifest["build"]["seconds"] = round(time.perf_counter() - started, 1)
         manifest["build"]["peak_memory_gb"] = round(peak_memory_gb(), 2)
+        manifest["build"]["stage_seconds"] = dict(progress.timings)
+        manifest["build"]["cache"] = {"hit": False, "key": key}
         write_manifest(tmp, manifest, files)  # verification changed no file: reuse the hashes
+    if replacing:
+        progress.note(f"replaced the previous artifact at {out} (in one atomic rename)")
+    if cache is not None and key:
+        cache.store_artifact(key, out, {"model": source.ref, "target": config.target,
+                                        "quant": config.quant})  # fmt: skip
     return BuildResult(out, read_manifest(out, check_files=False))
+
+
+def stage_cache(config: BuildConfig):
+    """The stage cache this build uses: none with --no-cache, LLMC_NO_CACHE=1 or --dump-after
+    (whose dumps come from running the passes)."""
+    if not config.cache or config.dump_after or os.environ.get("LLMC_NO_CACHE") == "1":
+        return None
+    from llmc.cache import StageCache
+
+    return StageCache()
+
+
+def _reuse(hit, out: Path, replacing: bool, started: float, progress: Progress) -> BuildResult:
+    """The artifact of an identical earlier build, put in place as a new build's would be."""
+    from llmc.cache import link_tree
+
+    with progress.stage(f"reuse the cached build {hit.key[:12]}"), atomic_directory(out) as tmp:
+        link_tree(hit.path, tmp)
+        manifest = dict(hit.manifest)
+        before = manifest.get("build", {})
+        manifest["build"] = {
+            **before,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.perf_counter() - started, 1),
+            "stage_seconds": dict(progress.timings),
+            "peak_memory_gb": round(peak_memory_gb(), 2),
+            "cache": {"hit": True, "key": hit.key, "built": before.get("created")},
+        }
+        write_manifest(tmp, manifest, manifest["files"])
+    progress.note(
+        f"cache hit: the trace, passes, quantized weights, emission and verification of an "
+        f"identical build ({before.get('created')}) were reused; --no-cache rebuilds"
+    )
+    if replacing:
+        progress.note(f"replaced the previous artifact at {out} (in one atomic rename)")
+    return BuildResult(out, read_manifest(out, check_files=False), cache_hit=True)
 
 
 def _trace(config: BuildConfig, loaded, passes, ctx, progress):
@@ -143,7 +230,7 @@ def _trace(config: BuildConfig, loaded, passes, ctx, progress):
     from llmc.compiler.graph import Graph
     from llmc.compiler.pass_manager import trace_options
     from llmc.compiler.spec import ModelSpec
-    from llmc.compiler.trace import trace
+    from llmc.compiler.trace import TraceResult, io_contract, trace
 
     with tracing(loaded.model, loaded.model.config.model_type):  # one eager step runs here too
         spec = ModelSpec.from_model(loaded.model)
@@ -155,8 +242,16 @@ def _trace(config: BuildConfig, loaded, passes, ctx, progress):
             )
         spec = dataclasses.replace(spec, max_context=config.max_context)
     options = trace_options(passes, loaded.model, ctx)
+    cache = ctx.stage_cache
+    key = cache.trace_key(loaded.source, spec, options, config.draft_layers) if cache else None
+    program = cache.trace(key) if key else None
+    if program is not None:
+        progress.note(f"trace reused from the stage cache ({key[:12]})")
+        return Graph.from_trace(TraceResult(program, io_contract(spec, options)), spec)
     with progress.stage("trace with torch.export"), tracing(loaded.model, spec.architecture):
         traced = trace(loaded.model, spec, options=options)
+    if key:
+        cache.store_trace(key, traced.program)
     return Graph.from_trace(traced, spec)
 
 

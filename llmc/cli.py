@@ -13,10 +13,11 @@ from pathlib import Path
 import click
 
 from llmc.cli_bench import bench
+from llmc.cli_cache import cache
 from llmc.cli_run import evaluate, run
 from llmc.cli_serve import serve
 from llmc.config import BuildConfig
-from llmc.errors import LlmcError, QualityGateError, VerificationError
+from llmc.errors import LlmcError, QualityGateError, VerificationError, refused_write
 from llmc.interrupts import CtrlC
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_VERIFY, EXIT_INTERRUPT = 0, 1, 2, 3, 130
@@ -51,6 +52,8 @@ class _Group(click.Group):
             if isinstance(exc, KeyboardInterrupt) or ctrl_c.seen:  # or a library error it caused
                 ctrl_c.exiting()
                 _fail("interrupted; nothing was written.", EXIT_INTERRUPT, debug)
+            if (refused := refused_write(exc)) is not None:  # a full disk, a read-only one
+                _fail(f"error: {refused}", EXIT_USER, debug)
             _fail(  # an llmc bug: say so, keep the traceback behind --debug
                 f"internal error: {type(exc).__name__}: {exc} (re-run with --debug for the "
                 "traceback and report it)",
@@ -83,6 +86,7 @@ def cli(debug: bool):
       llmc eval ARTIFACT --perplexity FILE  perplexity on a text (strided windows)
       llmc serve ARTIFACT                   OpenAI-compatible server (continuous batching)
       llmc bench ARTIFACT... [--url URL]    speed table and plot, artifacts and servers
+      llmc cache list|clear                 the build stage cache
     """
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
@@ -95,6 +99,7 @@ class _RichProgress:
 
     def __init__(self):
         self.console = _console()
+        self.timings: dict[str, float] = {}  # as llmc.build.Progress keeps them
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -104,6 +109,7 @@ class _RichProgress:
         from llmc.build import peak_memory_gb
 
         seconds = time.perf_counter() - start
+        self.timings[name] = round(seconds, 2)
         self.console.print(
             f"[green]✓[/green] {name} [dim]({seconds:.1f}s, peak memory "
             f"{peak_memory_gb():.1f} GB)[/dim]"
@@ -120,7 +126,9 @@ class _RichProgress:
     "-t",
     default="onnx",
     show_default=True,
-    help="Back end to emit for; `llmc targets` lists them.",
+    help="Back end to emit for; `llmc targets` lists them. Several, comma-separated "
+    "(onnx,openvino): one load and quantization, every target emitted, and the artifacts "
+    "cross-checked against each other (with --out DIR, target T goes to DIR/T).",
 )
 @click.option(
     "--out",
@@ -230,7 +238,28 @@ class _RichProgress:
     metavar="PASS",
     help="Write the graph after this pass to llmc-dumps/NN-PASS.py (repeatable; debugging).",
 )
-def build(max_ppl_increase, **flags):
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan (configuration, passes, features, memory, size and KV-cache estimates, "
+    "whether it fits here) in seconds, without building. A build refuses (exit 2) to start when "
+    "its estimate exceeds free memory or disk; LLMC_SKIP_RESOURCE_CHECK=1 skips that check.",
+)
+@click.option(
+    "--cache/--no-cache",
+    default=True,
+    show_default=True,
+    help="Reuse an identical earlier build (same source, options, passes, llmc and toolchain "
+    "versions, target and CPU) from the stage cache; `llmc cache` lists and clears it.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON result on stdout (artifacts, files and sizes, verification, quality "
+    "gate, timings, cache hits, cross-check); progress stays on stderr.",
+)
+def build(max_ppl_increase, as_json, **flags):
     """Build MODEL into a verified artifact.
 
     MODEL is a Hugging Face model directory, a .gguf file, a hub id, or tiny:ARCH (llama, qwen2,
@@ -241,21 +270,40 @@ def build(max_ppl_increase, **flags):
     """
     from llmc.build import build as run_build
 
+    dry_run = flags.pop("dry_run")
     # every flag is named after its BuildConfig field
     config = BuildConfig(**flags, max_ppl_increase=_fraction(max_ppl_increase))
+    if dry_run:
+        from llmc.dryrun import plan, render
+
+        click.echo(render(plan(config)))
+        return
     console = _console()
     console.print(
         "llmc build " + "  ".join(f"{k}=[bold]{v}[/bold]" for k, v in config.describe().items())
     )
-    result = run_build(config, progress=_RichProgress())
-    files = result.manifest["files"]
-    size = sum(f["size"] for f in files.values()) / 1e6
-    console.print(
-        f"[bold green]built[/bold green] {result.path} ({size:.1f} MB, "
-        f"{result.manifest['graph']['nodes']} nodes, {result.manifest['build']['seconds']}s, "
-        f"peak memory {result.manifest['build']['peak_memory_gb']} GB)"
-    )
-    click.echo(str(result.path))
+    record = None
+    if "," in config.target:
+        from llmc.crosscheck import build_targets
+
+        results, record = build_targets(config, progress=_RichProgress())
+    else:
+        results = [run_build(config, progress=_RichProgress())]
+    for result in results:
+        files = result.manifest["files"]
+        size = sum(f["size"] for f in files.values()) / 1e6
+        how = "reused from the cache" if result.cache_hit else "built"
+        console.print(
+            f"[bold green]{how}[/bold green] {result.path} ({size:.1f} MB, "
+            f"{result.manifest['graph']['nodes']} nodes, {result.manifest['build']['seconds']}s, "
+            f"peak memory {result.manifest['build'].get('peak_memory_gb')} GB)"
+        )
+    if as_json:
+        from llmc.build_report import report
+
+        click.echo(json.dumps(report(results, record), indent=1))
+    else:
+        click.echo("\n".join(str(r.path) for r in results))
 
 
 @cli.command()
@@ -269,8 +317,16 @@ def inspect(artifact, as_json):
     manifest = read_manifest(artifact, check_files=False)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
-    else:
+        return
+    try:
         render(manifest, artifact)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        from llmc.errors import ArtifactError
+
+        raise ArtifactError(  # a field a report reads is missing or of another type
+            f"{artifact}/llmc.json is malformed ({type(exc).__name__} {str(exc)[:80]}); "
+            "rebuild the artifact."
+        ) from None
 
 
 @cli.command()
@@ -319,6 +375,7 @@ def targets():
 
 
 cli.add_command(run)
+cli.add_command(cache)
 cli.add_command(evaluate)
 cli.add_command(serve)
 cli.add_command(bench)

@@ -23,6 +23,7 @@ class BuildConfig:
     decode_steps: int = 8
     precision: str | None = None  # OpenVINO compute precision at run time: "f32" (default) | "bf16"
     autotune: bool | None = None  # inductor: autotune its matmul kernels (default: yes)
+    cache: bool = True  # reuse an identical earlier build (llmc.cache); False: build afresh
     # quantization (passes/quantize_weights.py); None: fp32
     quant: str | None = None  # "int8" | "int4" | "gptq" | "awq"
     group_size: int = 32  # 0: one group per output channel

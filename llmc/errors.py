@@ -1,5 +1,7 @@
 """Error types that map to the CLI's exit codes."""
 
+import errno
+
 
 class LlmcError(Exception):
     """A user error: bad input, unsupported model, corrupt artifact. Exit code 2.
@@ -42,3 +44,15 @@ class VerificationError(Exception):
 
 class QualityGateError(VerificationError):
     """The artifact's perplexity is worse than `--max-ppl-increase` allows. Exit code 3."""
+
+
+def refused_write(exc: BaseException) -> str | None:
+    """One sentence for an OSError the system gave a write (no space, no permission: the user's
+    to fix, exit 2), else None."""
+    full = (errno.ENOSPC, errno.EDQUOT)
+    refused = (*full, errno.EACCES, errno.EROFS, errno.EPERM)
+    if not isinstance(exc, OSError) or exc.errno not in refused:
+        return None
+    where = f" ({exc.filename})" if exc.filename else ""
+    fix = "free some space" if exc.errno in full else "choose a location you can write"
+    return f"{exc.strerror or exc}{where}; {fix} and retry (nothing half-written was kept)."

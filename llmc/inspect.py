@@ -88,10 +88,14 @@ def render(manifest: dict, directory: Path) -> None:
     passes = Table(
         "pass", "modified", "counts", "seconds", "max |Δ|", title="passes", title_justify="left"
     )
+    seconds = manifest.get("build", {}).get("pass_seconds", {})
     for r in manifest["passes"]:
+        took = r.get("seconds", seconds.get(r["name"]))  # older manifests kept it in the report
         diff = "" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
         counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items())
-        passes.add_row(r["name"], str(r["modified"]), counts, f"{r['seconds']:.3f}", diff)
+        passes.add_row(
+            r["name"], str(r["modified"]), counts, "" if took is None else f"{took:.3f}", diff
+        )
         for note in r.get("notes", []):
             passes.add_row("", "", f"[dim]{note}[/dim]", "", "")
     console.print(passes)

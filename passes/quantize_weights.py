@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from llmc.compiler import ops as _ops  # noqa: F401  (registers the llmc ops)
+from llmc.compiler import quant_cache
 from llmc.compiler import quantize as Q
 from llmc.compiler.graph import Graph, module_path
 from llmc.compiler.pass_manager import Pass, PassContext, PassReport
@@ -81,7 +82,21 @@ class QuantizeWeights(Pass):
         stats = _Statistics(graph, linears, ctx.calibration, cfg) if cfg.calibrated else None
         if cfg.method == "awq":
             notes += _apply_awq(graph, linears, stats, cfg, head)
-        counts = {"quantized": 0, "int4": 0, "int8": 0, "fp32": 0, "embeddings": 0}
+        counts = {"quantized": 0, "int4": 0, "int8": 0, "fp32": 0, "embeddings": 0, "reused": 0}
+        done: list[Q.Quantized] = []
+
+        def once(
+            w, h, bits, group, gptq=False
+        ):  # each weight quantized once (compiler/quant_cache)
+            sym = cfg.symmetric if bits == cfg.bits else True  # as _quantize decides
+            method = "gptq" if gptq and h is not None else "rtn"
+            quant, error, reused = quant_cache.quantize(
+                lambda: _quantize(w, h, bits, group, cfg, gptq), w, h, bits, group, sym, method,
+                ctx.stage_cache,
+            )  # fmt: skip
+            counts["reused"] += reused
+            return quant, error
+
         for node in linears:
             w = _weight(graph, node)
             k = w.shape[1]
@@ -92,15 +107,16 @@ class QuantizeWeights(Pass):
                 continue
             h = stats.hessian(node) if stats else None
             bits = 8 if node is head else cfg.bits
-            quant, error = _quantize(w, h, bits, group, cfg, gptq=cfg.method == "gptq")
+            quant, error = once(w, h, bits, group, gptq=cfg.method == "gptq")
             if bits == 4 and error > cfg.int8_threshold:
                 notes.append(
                     f"{_name(node)}: 4-bit error {error:.3f} > {cfg.int8_threshold}; 8 bits"
                 )
-                quant, error = _quantize(w, h, 8, group, cfg, gptq=cfg.method == "gptq")
+                quant, error = once(w, h, 8, group, gptq=cfg.method == "gptq")
             elif node is head and cfg.bits == 4:
                 notes.append(f"{_name(node)}: the lm_head keeps 8 bits")
             _replace_linear(graph, node, quant)
+            done.append(quant)
             counts["quantized"] += 1
             counts[f"int{quant.bits}"] += 1
         for node in [n for n in graph.fx.nodes if is_call(n, aten.embedding.default)]:
@@ -111,11 +127,17 @@ class QuantizeWeights(Pass):
             if table.shape[1] % group:
                 notes.append(f"{_name(node)}: width {table.shape[1]} not a multiple of {group}")
                 continue
-            _replace_embedding(graph, node, Q.rtn(table, 8, group, sym=True))
+            quant, _, reused = quant_cache.quantize(
+                lambda table=table, group=group: (Q.rtn(table, 8, group, sym=True), 0.0),
+                table, None, 8, group, True, "rtn-embedding", ctx.stage_cache,
+            )  # fmt: skip
+            counts["reused"] += reused
+            _replace_embedding(graph, node, quant)
+            done.append(quant)
             counts["embeddings"] += 1
         modified = counts["quantized"] + counts["embeddings"] > 0
         if modified:
-            graph.quantization = cfg.recipe()
+            graph.quantization = {**cfg.recipe(), "weights_sha256": quant_cache.rows_digest(done)}
         return PassReport(self.name, modified=modified, counts=counts, notes=notes)
 
 

@@ -25,7 +25,6 @@ def load(
     OpenVINO's `precision="bf16"` or `static_decode=False` (targets/openvino/session.py)."""
     from llmc.artifact import read_manifest
     from llmc.errors import ArtifactError
-    from llmc.runtime.tokenizer import Tokenizer
     from llmc.targets import TARGETS
 
     manifest = read_manifest(directory, check_files=check)
@@ -41,12 +40,30 @@ def load(
             f"running a {name} artifact needs {', '.join(missing)}; `{info.install}`."
         )
     _check_toolchain(directory, manifest, info.runtime)
+    tokenizer = _tokenizer(directory, manifest)
     model = info.model_class().open(directory, manifest, threads=threads, **session_options)
     if huge_pages:
         from llmc.runtime.memory import use_huge_pages
 
         use_huge_pages()
-    return Generator(model, Tokenizer(directory, manifest["generation"]), manifest)
+    return Generator(model, tokenizer, manifest)
+
+
+def _tokenizer(directory, manifest: dict):
+    """The artifact's tokenizer; one tokenizers cannot read is an ArtifactError."""
+    from llmc.artifact_checks import artifact_file, reason
+    from llmc.errors import ArtifactError, LlmcError
+    from llmc.runtime.tokenizer import Tokenizer
+
+    path = artifact_file(directory, "tokenizer.json", "its tokenizer")
+    try:
+        return Tokenizer(directory, manifest["generation"])
+    except LlmcError:
+        raise
+    except Exception as exc:  # tokenizers' own errors, on a malformed file
+        raise ArtifactError(
+            f"{path} cannot be read ({reason(exc)}); rebuild the artifact."
+        ) from None
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

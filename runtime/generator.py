@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmc.errors import ContextLengthError, LlmcError
+from llmc.artifact_checks import reason
+from llmc.errors import ArtifactError, ContextLengthError, LlmcError
+from llmc.runtime import checks
 from llmc.runtime.sampling import Sampler, SamplingParams
 from llmc.runtime.session import Model, Sequence
 from llmc.runtime.speculative import (
@@ -91,14 +93,15 @@ class Generator:
     # -- prompts ---------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         """A string (raw, or through the chat template with chat=True), messages, or token ids."""
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
-        elif isinstance(prompt, list):
-            ids = self.tokenizer.encode_chat(prompt)
+        kind = checks.prompt_kind(prompt)
+        if kind == "ids":
+            ids = checks.token_ids(prompt, self.model.vocab_size)
+        elif kind == "messages":
+            ids = self._encode_chat(checks.messages(prompt))
         elif chat:
-            ids = self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+            ids = self._encode_chat([{"role": "user", "content": prompt}])
         else:
-            ids = self.tokenizer.encode(prompt)
+            ids = self._encode_text(prompt)
         if not ids:
             raise LlmcError("the prompt is empty; give at least one token of text.")
         if len(ids) >= self.model.max_context:
@@ -107,6 +110,26 @@ class Generator:
                 f"{self.model.max_context}; shorten the prompt."
             )
         return ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        """A huge text is refused on a prefix that alone overflows the context (tokenizing 10 MB
+        takes 20 s); others are tokenized whole."""
+        context, prefix = self.model.max_context, 16 * self.model.max_context
+        if len(text) > prefix and len(self.tokenizer.encode(text[:prefix])) > context + 1:
+            raise ContextLengthError(
+                f"the prompt is longer than the artifact's context of {context} tokens (its "
+                f"first {prefix} characters alone are); shorten the prompt."
+            )
+        return self.tokenizer.encode(text)
+
+    def _encode_chat(self, messages: list[dict]) -> list[int]:
+        try:
+            return self.tokenizer.encode_chat(messages)
+        except ArtifactError:
+            raise
+        except Exception as exc:  # the template's own raise_exception, or what it stumbled on
+            why = reason(exc, 200)
+            raise LlmcError(f"the chat template cannot render these messages: {why}.") from None
 
     # -- token loop ------------------------------------------------------------------------------
     def generate_ids(
@@ -192,7 +215,8 @@ class Generator:
         reason. draft: "prompt-lookup" or a loaded draft generator (speculative decoding, at
         most `num_draft` tokens drafted per step)."""
         config = _config(**kwargs)
-        encoded = [self.encode(p, chat) for p in prompts]
+        encoded = [self.encode(p, chat) for p in checks.prompt_list(prompts)]
+        num_draft = checks.num_draft(num_draft)
         drafter, limit = drafter_for(draft, self, num_draft) if draft is not None else (None, 0)
         budget = self._budget(config, max(len(p) for p in encoded))
         streams = [TextStream(self.tokenizer, config, len(p), budget) for p in encoded]
@@ -217,6 +241,7 @@ class Generator:
         return "".join(self.stream(prompt, chat=chat, **kwargs))
 
     def generate_batch(self, prompts: list[Prompt], chat: bool = False, **kwargs) -> list[str]:
+        prompts = checks.prompt_list(prompts)
         texts = [""] * len(prompts)
         for events in self.events_batch(prompts, chat=chat, **kwargs):
             for row, event in enumerate(events):
@@ -318,10 +343,8 @@ class _Rows:
 def _config(
     max_new_tokens: int = 128, stop=(), ignore_eos: bool = False, **sampling
 ) -> GenerationConfig:
-    if max_new_tokens < 1:
-        raise LlmcError("max_new_tokens must be at least 1.")
-    if isinstance(stop, str):
-        stop = (stop,)
+    max_new_tokens = checks.max_new_tokens(max_new_tokens)
+    stop = checks.stop_strings(stop)
     try:
         params = SamplingParams(**sampling)
     except (TypeError, ValueError) as exc:

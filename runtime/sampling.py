@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +18,13 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            _number(name, getattr(self, name))
+        _integer("top_k", self.top_k)
+        if self.seed is not None:
+            _integer("seed", self.seed)
+            if self.seed < 0:
+                raise ValueError("seed must be >= 0 (or None)")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:
@@ -24,6 +33,21 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0 (0 turns it off)")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0 (1 turns it off)")
+
+
+def _number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, not {_show(value)}")
+
+
+def _integer(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, not {_show(value)}")
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
@@ -39,8 +63,11 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
 
 
 def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """The distribution sampled from, after temperature, top-k and top-p. logits [V] -> p [V]."""
-    scaled = logits.astype(np.float64) / params.temperature
+    """The distribution sampled from, after temperature, top-k and top-p. logits [V] -> p [V].
+    Shifted before scaling, so that a tiny temperature (or a penalty that overflowed a logit to
+    infinity) still gives a distribution: the most likely token's probability 1."""
+    logits = np.nan_to_num(logits.astype(np.float64), nan=-np.inf, posinf=np.finfo(np.float64).max)
+    scaled = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < scaled.size:
         kth = np.partition(scaled, -params.top_k)[-params.top_k]
         scaled = np.where(scaled < kth, -np.inf, scaled)

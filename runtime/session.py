@@ -72,6 +72,23 @@ class Model(ABC):
     def sequence(self) -> Sequence:
         """A new, empty sequence (batch of rows) on this model."""
 
+    def check_io(self, inputs, outputs: dict, what: str) -> None:
+        """ArtifactError unless the loaded model takes only inputs the runtime feeds (the
+        manifest's contract), gives the outputs it reads, and logits over the manifest's
+        vocabulary. outputs: name -> shape (entries None or a name where it is dynamic)."""
+        from llmc.errors import ArtifactError
+
+        missing = sorted(set(inputs) - set(self.io.inputs)) + sorted(
+            set(self.io.outputs) - set(outputs)
+        )
+        vocab = (outputs.get("logits") or [None])[-1]
+        if missing or (isinstance(vocab, int) and vocab != self.vocab_size):
+            why = f"{', '.join(missing)} unmatched" if missing else f"vocabulary {vocab}"
+            raise ArtifactError(
+                f"the manifest of {self.directory} does not describe {what} ({why}); rebuild "
+                "the artifact."
+            )
+
     def prepare_batching(self) -> None:  # noqa: B027 (optional: most targets need nothing)
         """Get ready for a batch whose rows come and go (compile what its steps need now, not
         on the first step a client waits for)."""
@@ -181,9 +198,13 @@ class Sequence(ABC):
     def score(self, ids) -> np.ndarray:
         """ids [S] of one sequence, on a fresh cache -> logits at every position [S, V]
         (perplexity). The cache is left holding the sequence."""
-        row = np.asarray(ids)
-        if row.ndim != 1:
-            raise SessionError(f"score() takes one sequence of token ids [S]; got {row.shape}.")
+        try:
+            row = np.asarray(ids)
+        except (ValueError, TypeError, OverflowError):  # ragged, or values numpy cannot hold
+            row = None
+        if row is None or row.ndim != 1:
+            shape = "" if row is None else f"; got {row.shape}"
+            raise SessionError(f"score() takes one sequence of token ids [S]{shape}.")
         row = self._check_ids(row[None])
         self.reset()
         logits = self._extend(row, None, last_only=False)[0]
@@ -231,7 +252,10 @@ class Sequence(ABC):
         return ids
 
     def _check_ids(self, ids) -> np.ndarray:
-        ids = np.asarray(ids)
+        try:
+            ids = np.asarray(ids)
+        except (ValueError, TypeError, OverflowError):  # ragged rows, values numpy cannot hold
+            raise SessionError("token ids must be a [batch, seq] array of integers.") from None
         if ids.ndim != 2 or 0 in ids.shape:
             raise SessionError(
                 f"token ids must be a non-empty [batch, seq] array; got {ids.shape}."
@@ -247,7 +271,12 @@ class Sequence(ABC):
 
     @staticmethod
     def _check_mask(mask, ids: np.ndarray) -> np.ndarray:
-        mask = np.asarray(mask)
+        try:
+            mask = np.asarray(mask)
+        except (ValueError, TypeError, OverflowError):
+            raise SessionError(
+                f"attention_mask must be 0/1 of the ids' shape {ids.shape}."
+            ) from None
         if mask.shape != ids.shape or not np.isin(mask, (0, 1)).all():
             raise SessionError(
                 f"attention_mask must be 0/1 of the ids' shape {ids.shape}; got {mask.shape}."

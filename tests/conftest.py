@@ -8,6 +8,10 @@ import os
 
 import pytest
 
+# Tests build afresh: a stage-cache hit would skip the stages they exercise (tests/test_trust.py
+# turns the cache on where it is the subject).
+os.environ["LLMC_NO_CACHE"] = "1"
+
 # Fourteen families: attention, norm, RoPE and MLP variants (README, "Support matrix").
 TINY_ARCHS = [
     *("llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "qwen3", "gemma2", "olmo2"),

@@ -70,6 +70,7 @@ def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
     torch._inductor.aoti_compile_and_package(
         program, package_path=str(path), inductor_configs=configs
     )
+    reproducible_package(path)
     toolchain = {"torch": torch.__version__}
     target = {
         "device": where,
@@ -81,3 +82,31 @@ def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
         [PACKAGE], dict(sorted(histogram.items())), toolchain, flavor=f"aotinductor-{where}",
         target=target,
     )  # fmt: skip
+
+
+def reproducible_package(path: Path) -> None:
+    """Rewrite the package without what changes from one build of the same graph to the next:
+    the random `.data/serialization_id` (made from the contents instead) and the compile and
+    link commands Inductor appends to its C++ sources as comments (temporary paths, and present
+    or not depending on its compile cache). The library and everything the loader reads are kept
+    byte for byte, in their order, stored uncompressed with the same fixed time stamps."""
+    import hashlib
+    import zipfile
+
+    with zipfile.ZipFile(path) as package:
+        records = [(info, package.read(info)) for info in package.infolist()]
+    digest = hashlib.sha256()
+    kept = []
+    for info, data in records:
+        if info.filename.endswith(".cpp"):
+            data = data.split(b"\n// Compile cmd\n", 1)[0]
+        if not info.filename.endswith("serialization_id"):
+            digest.update(info.filename.encode() + data)
+        kept.append((info, data))
+    serial = str(int(digest.hexdigest(), 16))[:40].encode()
+    tmp = path.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as package:
+        for info, data in kept:
+            fresh = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+            package.writestr(fresh, serial if info.filename.endswith("serialization_id") else data)
+    tmp.replace(path)

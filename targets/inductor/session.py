@@ -11,10 +11,10 @@ copies them back into its slots.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 
+from llmc.artifact_checks import check_native, reason
 from llmc.errors import ArtifactError
 from llmc.runtime.session import Model as BaseModel
 from llmc.runtime.session import Sequence, SessionOptions
@@ -39,9 +39,16 @@ class Model(BaseModel):
         if self.options.threads:
             torch.set_num_threads(self.options.threads)  # torch's pool: one per process
         self.inputs = target["inputs"]
-        self.runner = torch._inductor.aoti_load_package(
-            str(Path(directory) / target["files"]["model"])
+        # native code (compiled kernels it extracts and dlopens): only with a matching checksum
+        package = check_native(
+            directory, manifest, target.get("files", {}).get("model"), "its AOTInductor package"
         )
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(package))
+        except Exception as exc:  # a package torch cannot open
+            raise ArtifactError(
+                f"torch cannot load {package} ({reason(exc)}); rebuild the artifact."
+            ) from None
         self.lock = threading.Lock()  # one package: steps of concurrent sequences in turn
 
     def run(self, feeds: dict, past: list):

@@ -15,12 +15,14 @@ from typing import ClassVar
 
 import numpy as np
 
+from llmc.artifact_checks import artifact_file, reason
 from llmc.contract import KVMode, Logits
-from llmc.errors import SessionError
+from llmc.errors import ArtifactError, SessionError
 from llmc.runtime.padded import ConcatRows
 from llmc.runtime.session import Model as BaseModel
 from llmc.runtime.session import Sequence, SessionOptions
 from llmc.targets.base import step_feeds
+from llmc.targets.onnx.external import check_external_data
 from llmc.targets.onnx.rescore import LmHeadRescorer, rescore_positions
 from llmc.targets.onnx.shared_kv import SharedKVSequence
 
@@ -70,13 +72,19 @@ def _open(
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
-    path = Path(directory) / manifest["target"]["files"]["model"]
+    path = artifact_file(directory, manifest["target"].get("files", {}).get("model"), "its model")
+    check_external_data(path, Path(directory))  # before anything reads the weights
     providers = ["CPUExecutionProvider"]
     if accuracy_level is None and not rescore:
-        return ort.InferenceSession(str(path), opts, providers=providers), None
+        return _session(ort, str(path), opts, providers, path), None
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a corrupt protobuf: onnx raises its own DecodeError
+        raise ArtifactError(
+            f"{path} is not a readable ONNX model ({reason(exc)}); rebuild it."
+        ) from None
     for node in model.graph.node:
         for a in node.attribute:
             if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
@@ -85,7 +93,17 @@ def _open(
     rescorer = LmHeadRescorer.attach(model, path.parent, vocab) if rescore else None
     folder = "session.model_external_initializers_file_folder_path"
     opts.add_session_config_entry(folder, str(path.parent))
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=providers), rescorer
+    return _session(ort, model.SerializeToString(), opts, providers, path), rescorer
+
+
+def _session(ort, model, opts, providers, path: Path):
+    """An onnxruntime session; a model it cannot load is an ArtifactError, not a crash."""
+    try:
+        return ort.InferenceSession(model, opts, providers=providers)
+    except Exception as exc:  # onnxruntime's Fail, InvalidGraph, InvalidProtobuf, NoSuchFile…
+        raise ArtifactError(
+            f"onnxruntime cannot load {path} ({reason(exc)}); rebuild the artifact."
+        ) from None
 
 
 class Model(BaseModel):
@@ -123,6 +141,8 @@ class Model(BaseModel):
                 directory, manifest, threads, 0, spin=spin, config=config
             )
         self.inputs = {i.name for i in self.decode_session.get_inputs()}
+        outputs = {o.name: o.shape for o in self.decode_session.get_outputs()}
+        self.check_io(self.inputs, outputs, "its ONNX model")
         self.last_only = self.io.logits is Logits.LAST  # artifacts from before logits_index
 
     def sequence(self) -> Sequence:

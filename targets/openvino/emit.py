@@ -13,6 +13,7 @@ the CPU plugin then makes are counted on the compiled model and recorded."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -191,6 +192,7 @@ def emit(graph: Graph, out_dir: Path, options) -> EmitResult:
         port.get_tensor().set_names({name})
     io = graph.io
     make_stateful(model, io.past_inputs, io.present_outputs, io.cache.kv_heads, io.cache.head_dim)
+    _stable_names(model)
     path = Path(out_dir) / MODEL_FILE
     ov.save_model(model, str(path), compress_to_fp16=False)
     core = ov.Core()
@@ -212,6 +214,17 @@ def emit(graph: Graph, out_dir: Path, options) -> EmitResult:
             **({"dynamic_quantization": _integer_zero_points(graph)} if graph.quantization else {}),
         },
     )
+
+
+def _stable_names(model) -> None:
+    """Name the model and the nodes OpenVINO named from its process-wide counter (`Constant_9469`)
+    by their place in the graph instead, so the same graph serializes to the same bytes in any
+    process (reproducible builds)."""
+    model.set_friendly_name("llmc")
+    for index, op in enumerate(model.get_ordered_ops()):
+        kind = op.get_type_name()
+        if re.fullmatch(rf"{kind}_\d+", op.get_friendly_name()):
+            op.set_friendly_name(f"{kind}_{index}")
 
 
 def _integer_zero_points(graph: Graph) -> bool:

@@ -21,11 +21,11 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from llmc.errors import SessionError
+from llmc.artifact_checks import artifact_file, reason
+from llmc.errors import ArtifactError, SessionError
 from llmc.runtime.padded import PaddedRows, PositionTracker
 from llmc.runtime.session import Model as BaseModel
 from llmc.runtime.session import Sequence as BaseSequence
@@ -161,11 +161,23 @@ class Model(BaseModel):
             else None
         )
         core = ov.Core()
-        xml = Path(directory) / target["files"]["model"]
-        self._core, self._model = core, core.read_model(str(xml))
+        xml = artifact_file(directory, target.get("files", {}).get("model"), "its model")
+        bin_rel = str(xml.relative_to(directory).with_suffix(".bin"))  # OpenVINO reads it too
+        artifact_file(directory, bin_rel, "its weights")
+        try:
+            self._core, self._model = core, core.read_model(str(xml))
+        except Exception as exc:  # OpenVINO's own errors, on a malformed model
+            raise ArtifactError(
+                f"OpenVINO cannot read {xml} ({reason(exc)}); rebuild the artifact."
+            ) from None
         self._properties = compile_properties(self.precision, threads, self.dynamic_quantization)
         self.compiled = self._compile(self._model)
         self.inputs = {p.get_any_name() for p in self.compiled.inputs}
+        outputs = {o.get_any_name(): list(o.get_partial_shape()) for o in self._model.outputs}
+        outputs = {
+            k: [d.get_length() if d.is_static else None for d in v] for k, v in outputs.items()
+        }
+        self.check_io(self.inputs, outputs, "its OpenVINO model")
         # older artifacts do not say: assume a window, so that rollbacks compact at once
         self.sliding_window = int(target.get("sliding_window", 1))
         if static_decode is None:
@@ -180,8 +192,6 @@ class Model(BaseModel):
         return Sequence(self)
 
     def _compile(self, model):
-        from llmc.errors import ArtifactError
-
         compiled = self._core.compile_model(model, "CPU", self._properties)
         if self.precision == "f32" and (off := unpinned(compiled, self._properties)):
             raise ArtifactError(

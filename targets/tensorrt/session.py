@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from llmc.artifact_checks import inside
 from llmc.errors import SessionError
 from llmc.runtime.session import Model as BaseModel
 from llmc.runtime.session import Sequence
@@ -47,6 +48,8 @@ class Model(BaseModel):  # pragma: no cover - needs TensorRT and a GPU, absent h
         super().__init__(directory, manifest, options)
         target = manifest["target"]
         name = target.get("engine")
+        if name:
+            inside(self.directory, name, "its TensorRT engine")  # never a file elsewhere
         if not name or not (self.directory / name).is_file():
             why = target.get("engine_missing_reason") or "no engine was built"
             raise SessionError(

@@ -137,6 +137,7 @@ def relax_pipeline(target):
         t.LowerRuntimeBuiltin(),
         t.ComputePrimValue(),
         t.VMShapeLower(),
+        ordered_shape_stores(),
         t.AttachGlobalSymbol(),
     ]
 
@@ -146,6 +147,51 @@ def relax_pipeline(target):
             return tvm.transform.Sequential(passes)(mod)
 
     return pipeline
+
+
+def ordered_shape_stores():
+    """VMShapeLower writes the shape function's independent stores (`H[k] = f(H[inputs])`) in an
+    order that changes from process to process (a hash map it walks), and LLVM follows it: the
+    library's bytes differed between two builds of one model. Sort them by slot, which keeps
+    their meaning (no store reads a slot another one writes) and makes the build reproducible."""
+    import tvm
+    from tvm import tirx
+
+    def reads(expr, found: set[int]) -> bool:
+        """Add the slots `expr` loads to `found`; False where it holds a node not walked here."""
+        if type(expr).__name__ in ("TensorLoad", "BufferLoad"):  # its name in this TVM
+            found.add(int(expr.indices[0]))
+            return isinstance(expr.indices[0], tirx.IntImm)
+        if isinstance(expr, (tirx.IntImm, tirx.Var)):
+            return True
+        if hasattr(expr, "a") and hasattr(expr, "b"):  # the binary arithmetic nodes
+            return reads(expr.a, found) and reads(expr.b, found)
+        return False
+
+    def ordered(body):
+        if not isinstance(body, tirx.SeqStmt):
+            return None
+        stores = list(body.seq)
+        if not all(
+            isinstance(s, tirx.BufferStore) and isinstance(s.indices[0], tirx.IntImm)
+            for s in stores
+        ):
+            return None
+        written, read = {int(s.indices[0]) for s in stores}, set()
+        if not all(reads(s.value, read) for s in stores) or read & written:
+            return None
+        return tirx.SeqStmt(sorted(stores, key=lambda s: int(s.indices[0])))
+
+    @tvm.transform.module_pass(opt_level=0)
+    def sort_stores(mod, _ctx):
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("shape_func"):
+                body = ordered(func.body)
+                if body is not None:
+                    mod[gv] = func.with_body(body)
+        return mod
+
+    return sort_stores
 
 
 def save_params(path: Path, arrays) -> list[dict]:

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from llmc.artifact_checks import artifact_file, check_native, reason
 from llmc.contract import KVMode
+from llmc.errors import ArtifactError
 from llmc.runtime.padded import ConcatRows
 from llmc.runtime.session import Model as BaseModel
 from llmc.runtime.session import Sequence, SessionOptions
@@ -38,8 +40,6 @@ def _check_host(directory, manifest: dict) -> None:
     """Refuse a library compiled for another CPU (its vector instructions may not exist here)."""
     import tvm
     from tvm.target import codegen
-
-    from llmc.errors import ArtifactError
 
     built = manifest["target"].get("cpu")
     here = codegen.llvm_get_system_cpu()
@@ -65,6 +65,27 @@ def _configure_threads(threads: int | None) -> None:
         os.environ["TVM_NUM_THREADS"] = str(threads)
     else:
         os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+
+def _check_index(path: Path, index) -> None:
+    """Every weight of the index inside the params file, of a shape and dtype numpy reads."""
+    from llmc.artifact_checks import is_int
+    from llmc.errors import ArtifactError
+
+    size = path.stat().st_size
+    for e in index if isinstance(index, list) else [None]:
+        try:
+            shape, offset = tuple(e["shape"]), e["offset"]
+            ok = is_int(offset) and offset >= 0 and all(is_int(n) and n >= 0 for n in shape)
+            nbytes = int(np.prod(shape, dtype=object)) * np.dtype(e["dtype"]).itemsize
+            ok = ok and offset + nbytes <= size
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ArtifactError(
+                f"{path.parent}/llmc.json has a malformed param_index (a weight outside "
+                f"{path.name}); rebuild the artifact."
+            )
 
 
 def _load_params(path: Path, index: list[dict]) -> list:
@@ -100,9 +121,18 @@ class Model(BaseModel):
         _check_host(directory, manifest)
         _configure_threads(self.options.threads)
         files = manifest["target"]
-        self.library = tvm.runtime.load_module(str(Path(directory) / files["library"]))
+        # native code: loaded only when its checksum matches the manifest's
+        library = check_native(directory, manifest, files.get("library"), "its TVM library")
+        params = artifact_file(directory, files.get("params"), "its weights")
+        _check_index(params, files.get("param_index"))
+        try:
+            self.library = tvm.runtime.load_module(str(library))
+        except Exception as exc:  # TVM's own error types
+            raise ArtifactError(
+                f"TVM cannot load {library} ({reason(exc)}); rebuild the artifact."
+            ) from None
         self.device = tvm.cpu()
-        self.params = _load_params(Path(directory) / files["params"], files["param_index"])
+        self.params = _load_params(params, files["param_index"])
 
     def vm(self):
         """A VM of its own for a sequence, over the shared library and weights."""
