@@ -57,6 +57,8 @@ class PassContext:
     dump_dir: Path = Path("llmc-dumps")
     dumped: list[Path] = field(default_factory=list)
     stage_cache: object | None = None  # llmc.cache.StageCache: quantized weights kept on disk
+    # what this build took from the stage cache or an earlier target (recorded under "build")
+    reused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def note(self, pass_name: str, text: str) -> None:
         self.notes[pass_name].append(text)

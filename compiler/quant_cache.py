@@ -33,6 +33,8 @@ def quantize(make, weight, hessian, bits: int, group: int, sym: bool, method: st
         [_tensor_digest(weight), _tensor_digest(hessian), bits, group, sym, method, code_digest()]
     )
     if key in _MEMO:
+        if cache is not None and not cache.has_quantized(key):  # another build's, in memory
+            _store(cache, key, _MEMO[key])
         return (*_MEMO[key], True)
     found = cache.quantized(key) if cache is not None else None
     if found is not None:
@@ -41,17 +43,20 @@ def quantize(make, weight, hessian, bits: int, group: int, sym: bool, method: st
     else:
         result, reused = make(), False
         if cache is not None:
-            q = result[0]
-            cache.store_quantized(
-                key, {"codes": q.codes, "scales": q.scales, "zeros": q.zeros,
-                      "error": torch.tensor(result[1])},
-            )  # fmt: skip
+            _store(cache, key, result)
     if _MEMO_BYTES > _MEMO_LIMIT:
         _MEMO.clear()
         _MEMO_BYTES = 0
     _MEMO[key] = result
     _MEMO_BYTES += result[0].codes.numel()
     return (*result, reused)
+
+
+def _store(cache, key: str, result: tuple[Q.Quantized, float]) -> None:
+    q, error = result
+    cache.store_quantized(
+        key, {"codes": q.codes, "scales": q.scales, "zeros": q.zeros, "error": torch.tensor(error)}
+    )
 
 
 def rows_digest(quants: list[Q.Quantized]) -> str:

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from llmc.artifact_checks import Manifest, check_structure, inside, is_int
+from llmc.artifact_checks import Manifest, check_structure, inside, is_int, shown
 from llmc.errors import ArtifactError
 from llmc.interrupts import interrupts_ignored
 
@@ -97,10 +97,10 @@ def check_files_match(directory: Path, manifest: dict) -> None:
     for rel, meta in manifest.get("files", {}).items():
         path = inside(directory, rel, "a file in its files table")
         if not path.is_file():
-            raise ArtifactError(f"{directory} is missing {rel}; rebuild the artifact.")
+            raise ArtifactError(f"{directory} is missing {shown(rel)}; rebuild the artifact.")
         if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
             raise ArtifactError(
-                f"{directory}/{rel} does not match its checksum (modified or corrupt); "
+                f"{directory}/{shown(rel)} does not match its checksum (modified or corrupt); "
                 "rebuild the artifact."
             )
 

@@ -57,8 +57,16 @@ def artifact_file(directory: str | os.PathLike, rel, what: str = "a file") -> Pa
     """`inside`, and a regular file (not missing, not a device or a pipe a read would hang on)."""
     path = inside(directory, rel, what)
     if not path.is_file():
-        raise ArtifactError(f"{directory} is missing {rel} ({what}); {_REBUILD}.")
+        raise ArtifactError(f"{directory} is missing {shown(rel)} ({what}); {_REBUILD}.")
     return path
+
+
+def shown(name: str) -> str:
+    """A file name as an error sentence shows it: quoted when it holds control characters."""
+    return name if name.isprintable() else repr(name)
+
+
+_KV_DTYPES = ("float32", "float16")  # what a session allocates its KV cache as (numpy)
 
 
 def check_structure(directory, manifest) -> None:
@@ -96,6 +104,8 @@ def check_structure(directory, manifest) -> None:
         _positive(directory, value, f"io.kv_geometry.{key}")
     if not isinstance(io.get("inputs", []), list):
         raise _fail(directory, "io.inputs is not a list")
+    if io.get("kv_dtype", "float32") not in _KV_DTYPES:
+        raise _fail(directory, f"io.kv_dtype is not one of {', '.join(_KV_DTYPES)}")
     _check_generation(directory, _section(directory, manifest, "generation"), model["vocab_size"])
     toolchain = _section(directory, manifest, "toolchain", required=False)
     if not all(isinstance(v, str) for v in toolchain.values()):
@@ -161,14 +171,14 @@ def check_native(directory: str | os.PathLike, manifest: dict, rel, what: str) -
     meta = manifest.get("files", {}).get(rel)
     if meta is None:
         raise ArtifactError(
-            f"{directory}/{rel} ({what}, native code) has no checksum in the manifest; "
+            f"{directory}/{shown(rel)} ({what}, native code) has no checksum in the manifest; "
             f"refusing to load it ({_REBUILD})."
         )
     if rel in getattr(manifest, "verified", ()):
         return path
     if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
         raise ArtifactError(
-            f"{directory}/{rel} ({what}, native code) does not match its checksum in the "
+            f"{directory}/{shown(rel)} ({what}, native code) does not match its checksum in the "
             f"manifest (modified or corrupt); refusing to load it ({_REBUILD})."
         )
     return path

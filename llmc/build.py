@@ -178,7 +178,7 @@ def build(config: BuildConfig, progress: Progress | None = None, loaded=None) ->
         manifest["build"]["seconds"] = round(time.perf_counter() - started, 1)
         manifest["build"]["peak_memory_gb"] = round(peak_memory_gb(), 2)
         manifest["build"]["stage_seconds"] = dict(progress.timings)
-        manifest["build"]["cache"] = {"hit": False, "key": key}
+        manifest["build"]["cache"] = {"hit": False, "key": key, "reused": dict(ctx.reused)}
         write_manifest(tmp, manifest, files)  # verification changed no file: reuse the hashes
     if replacing:
         progress.note(f"replaced the previous artifact at {out} (in one atomic rename)")
@@ -247,6 +247,7 @@ def _trace(config: BuildConfig, loaded, passes, ctx, progress):
     program = cache.trace(key) if key else None
     if program is not None:
         progress.note(f"trace reused from the stage cache ({key[:12]})")
+        ctx.reused["trace"] += 1
         return Graph.from_trace(TraceResult(program, io_contract(spec, options)), spec)
     with progress.stage("trace with torch.export"), tracing(loaded.model, spec.architecture):
         traced = trace(loaded.model, spec, options=options)

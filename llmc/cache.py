@@ -232,6 +232,9 @@ class StageCache:
         self.evict()
 
     # -- quantized weights ----------------------------------------------------------------------
+    def has_quantized(self, key: str) -> bool:
+        return (self.root / "quant" / f"{key}.pt").is_file()
+
     def quantized(self, key: str):
         path = self.root / "quant" / f"{key}.pt"
         if not path.is_file():

@@ -40,6 +40,12 @@ def render(manifest: dict, directory: Path) -> None:
     console.print(
         f"built    {manifest['build']['created']} in {manifest['build']['seconds']}s with {tools}"
     )
+    if manifest.get("content_sha256"):
+        cache = manifest["build"].get("cache") or {}
+        reused = (
+            f", reused from the stage cache ({cache['built']} build)" if cache.get("hit") else ""
+        )
+        console.print(f"content  sha256 {manifest['content_sha256'][:16]}…{reused}")
     ver = manifest["verification"]
     if ver.get("skipped"):
         console.print("verified [yellow]skipped (--no-verify)[/yellow]")
@@ -77,6 +83,11 @@ def render(manifest: dict, directory: Path) -> None:
     evaluation = manifest.get("evaluation")
     if evaluation:
         console.print(f"ppl      {describe_evaluation(evaluation)}")
+    cross = manifest.get("cross_check")
+    if cross:
+        mark = "[green]agree[/green]" if cross["passed"] else "[red]DISAGREE[/red]"
+        console.print(f"targets  {', '.join(cross['targets'])} built together {mark}: "
+                      f"{cross['summary']}")  # fmt: skip
 
     files = Table(
         "file", "MB", "sha256", title=f"files ({size / 1e6:.1f} MB)", title_justify="left"

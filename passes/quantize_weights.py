@@ -82,7 +82,7 @@ class QuantizeWeights(Pass):
         stats = _Statistics(graph, linears, ctx.calibration, cfg) if cfg.calibrated else None
         if cfg.method == "awq":
             notes += _apply_awq(graph, linears, stats, cfg, head)
-        counts = {"quantized": 0, "int4": 0, "int8": 0, "fp32": 0, "embeddings": 0, "reused": 0}
+        counts = {"quantized": 0, "int4": 0, "int8": 0, "fp32": 0, "embeddings": 0}
         done: list[Q.Quantized] = []
 
         def once(
@@ -94,7 +94,7 @@ class QuantizeWeights(Pass):
                 lambda: _quantize(w, h, bits, group, cfg, gptq), w, h, bits, group, sym, method,
                 ctx.stage_cache,
             )  # fmt: skip
-            counts["reused"] += reused
+            ctx.reused["quantized_weights"] += reused  # build-dependent: not in the report
             return quant, error
 
         for node in linears:
@@ -131,7 +131,7 @@ class QuantizeWeights(Pass):
                 lambda table=table, group=group: (Q.rtn(table, 8, group, sym=True), 0.0),
                 table, None, 8, group, True, "rtn-embedding", ctx.stage_cache,
             )  # fmt: skip
-            counts["reused"] += reused
+            ctx.reused["quantized_weights"] += reused
             _replace_embedding(graph, node, quant)
             done.append(quant)
             counts["embeddings"] += 1

@@ -99,12 +99,12 @@ TARGETS: dict[str, TargetInfo] = {
             runtime="onnxruntime",
             kv_variants=(
                 KVVariant(KVMode.SHARED),
-                # the second mode of the same lowering: a spread of families (plain, soft-capped
-                # with a window, partial rotary with LayerNorm), one quantized
+                # the second mode of the same lowering: a spread of families (plain, partial
+                # rotary with LayerNorm), one quantized
                 KVVariant(
                     KVMode.CONCAT,
                     "-rewire_kv_cache",
-                    families=("llama", "gemma2", "phi"),
+                    families=("llama", "phi"),
                     quant_families=("llama",),
                 ),
             ),

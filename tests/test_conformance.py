@@ -58,6 +58,8 @@ def _cases(quant: bool) -> list:
             else:
                 families, levels = v.families or TINY_ARCHS, (None,)
             for arch, level in itertools.product(families, levels):
+                if level == "int8" and arch != families[0]:
+                    continue  # 8 bits run the graph 4 bits do: on the first family only (CI time)
                 args = (arch, name, v.mode, v.passes, *([level] if level else []))
                 case_id = "-".join([arch, name, v.mode.value, *([level] if level else [])])
                 cases.append(pytest.param(*args, id=case_id))

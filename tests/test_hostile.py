@@ -241,7 +241,7 @@ class _Copy:
         return f"<copy of tiny:llama at {self.path}>"
 
 
-@settings(BOUNDED, max_examples=120)
+@settings(BOUNDED, max_examples=50)
 @given(mutation=mutations, check=st.booleans())
 def test_a_malformed_manifest_is_one_artifact_error(hostile_copy, mutation, check):
     copy, original, opened = hostile_copy.path, hostile_copy.manifest, hostile_copy.opened

@@ -146,6 +146,7 @@ def test_cli_builds_the_network_and_run_refuses_with_advice(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # 90 s of CI's 20 minutes; the tiny families run in `make test`
 def test_smollm2_network_keeps_128_greedy_tokens(tmp_path):
     """SmolLM2's network in onnxruntime: verified at build, and 128 greedy tokens of a chat
     prompt identical to transformers'."""
