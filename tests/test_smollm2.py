@@ -94,17 +94,28 @@ def test_128_greedy_tokens_match_transformers(smollm2, reference, prompt):
     assert ids == list(want_ids)
     config = rt.GenerationConfig(128, ignore_eos=True)
     ours = [int(t[0]) for t in gen.generate_ids([ids], config)]
-    with torch.no_grad():
-        out = reference.model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=128,
-            min_new_tokens=128,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=reference.tokenizer.pad_token_id,
-        )
-    assert ours == out[0, len(ids) :].tolist()
+    assert ours == _transformers_greedy(reference, tuple(ids), 128)
+
+
+_GREEDY: dict = {}
+
+
+def _transformers_greedy(reference, ids: tuple[int, ...], n: int) -> list[int]:
+    """transformers' greedy tokens, generated once per prompt in this process (every target
+    compares with the same ones)."""
+    if (ids, n) not in _GREEDY:
+        with torch.no_grad():
+            out = reference.model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=reference.tokenizer.pad_token_id,
+            )
+        _GREEDY[ids, n] = out[0, len(ids) :].tolist()
+    return _GREEDY[ids, n]
 
 
 GROUNDED = "Repeat this Python code exactly, renaming `params` to `options`:\n\n"

@@ -55,6 +55,7 @@ def test_int8_perplexity_within_1_percent_and_same_32_greedy_tokens(int8):
     assert fast[:8] == ours[:8]
 
 
+@pytest.mark.heavy  # 3.5 minutes of build, verification and perplexity: `make test-heavy`
 def test_int4_keeps_the_q4_1_grid(int4):
     m = rt.load(int4).manifest
     assert m["evaluation"]["increase"] <= 0.05
