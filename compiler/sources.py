@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -145,11 +146,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMC_CACHE", Path.home() / ".cache" / "llmc"))
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a source file, hashed once per process while its size and mtime stay (the
+    resource check, the stage cache's key and the loader all ask for a GGUF's)."""
+    stat = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
 def _load_gguf(source: Source):
     import transformers
 
     path = Path(source.ref)
-    source.weights_sha256 = sha256_file(path)
+    source.weights_sha256 = file_sha256(path)
     # Parsing and dequantizing a GGUF takes ~50 s for SmolLM2; keep the fp32 result, keyed by hash.
     cached = cache_dir() / "gguf" / source.weights_sha256[:32]
     if not (cached / "config.json").is_file():

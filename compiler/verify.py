@@ -167,9 +167,10 @@ def default_tolerance(source_kind: str) -> float:
 
 
 def verify_prompts(tokenizer, max_context: int, decode_steps: int = 8) -> list[list[int]]:
-    """The fixed verification prompts, cut so that prompt and decode steps fit the context."""
+    """The fixed verification prompts, cut so that prompt and decode steps fit the context
+    (`tokenizer`: transformers' or the runtime's, whose encodings the build checks are equal)."""
     keep = max(1, max_context - decode_steps)
-    return [tokenizer(text)["input_ids"][:keep] for text in PROMPTS]
+    return [tokenizer.encode(text)[:keep] for text in PROMPTS]
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 from llmc.artifact import MANIFEST, atomic_directory, read_manifest, write_manifest
 from llmc.config import DEFAULT_ARTIFACTS, BuildConfig
 from llmc.errors import LlmcError, VerificationError
-from llmc.manifest import assemble
+from llmc.manifest import assemble, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,6 @@ def build(config: BuildConfig, progress: Progress | None = None, loaded=None) ->
     source = sources.resolve(config.model)
     out = output_path(config, source.name)
     replacing = _check_destination(out)
-    from llmc.dryrun import check_resources  # estimated memory and disk vs free (exit 2)
-
-    check_resources(config, source, out)
     quant = config.quant_config()
     passes = select(target.pipeline(quant=quant), config.passes, config.dump_after)
     started = time.perf_counter()
@@ -113,7 +110,12 @@ def build(config: BuildConfig, progress: Progress | None = None, loaded=None) ->
         key = artifact_key(config, source, target, passes)
         hit = cache.artifact(key) if key else None
         if hit is not None:
-            return _reuse(hit, out, replacing, started, progress)
+            result = _reuse(hit, out, started, progress)
+            _say_replaced(progress, out, replacing)
+            return result
+    from llmc.dryrun import check_resources  # estimated memory and disk vs free (exit 2)
+
+    check_resources(config, source, out)  # a cache hit needs neither: checked after the lookup
     ctx = PassContext(dump_dir=config.dump_dir, dump_after=config.dump_after, stage_cache=cache)
 
     if loaded is None:
@@ -180,8 +182,7 @@ def build(config: BuildConfig, progress: Progress | None = None, loaded=None) ->
         manifest["build"]["stage_seconds"] = dict(progress.timings)
         manifest["build"]["cache"] = {"hit": False, "key": key, "reused": dict(ctx.reused)}
         write_manifest(tmp, manifest, files)  # verification changed no file: reuse the hashes
-    if replacing:
-        progress.note(f"replaced the previous artifact at {out} (in one atomic rename)")
+    _say_replaced(progress, out, replacing)
     if cache is not None and key:
         cache.store_artifact(key, out, {"model": source.ref, "target": config.target,
                                         "quant": config.quant})  # fmt: skip
@@ -198,7 +199,12 @@ def stage_cache(config: BuildConfig):
     return StageCache()
 
 
-def _reuse(hit, out: Path, replacing: bool, started: float, progress: Progress) -> BuildResult:
+def _say_replaced(progress: Progress, out: Path, replacing: bool) -> None:
+    if replacing:
+        progress.note(f"replaced the previous artifact at {out} (in one atomic rename)")
+
+
+def _reuse(hit, out: Path, started: float, progress: Progress) -> BuildResult:
     """The artifact of an identical earlier build, put in place as a new build's would be."""
     from llmc.cache import link_tree
 
@@ -208,7 +214,7 @@ def _reuse(hit, out: Path, replacing: bool, started: float, progress: Progress) 
         before = manifest.get("build", {})
         manifest["build"] = {
             **before,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": utc_now(),
             "seconds": round(time.perf_counter() - started, 1),
             "stage_seconds": dict(progress.timings),
             "peak_memory_gb": round(peak_memory_gb(), 2),
@@ -219,8 +225,6 @@ def _reuse(hit, out: Path, replacing: bool, started: float, progress: Progress) 
         f"cache hit: the trace, passes, quantized weights, emission and verification of an "
         f"identical build ({before.get('created')}) were reused; --no-cache rebuilds"
     )
-    if replacing:
-        progress.note(f"replaced the previous artifact at {out} (in one atomic rename)")
     return BuildResult(out, read_manifest(out, check_files=False), cache_hit=True)
 
 

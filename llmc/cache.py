@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +77,9 @@ def source_fingerprint(source) -> str | None:
     if source.kind == "tiny":
         return source.ref
     if source.kind in ("gguf", "default"):
-        source.weights_sha256 = source.weights_sha256 or sha256_file(Path(source.ref))
+        from llmc.compiler.sources import file_sha256
+
+        source.weights_sha256 = source.weights_sha256 or file_sha256(Path(source.ref))
         return source.weights_sha256
     if source.kind == "hf-dir":
         path = Path(source.ref)
@@ -336,7 +337,3 @@ def link_tree(source: Path, destination: Path) -> None:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 raise
             shutil.copy2(path, target)
-
-
-def now() -> float:
-    return time.time()

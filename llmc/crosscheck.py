@@ -108,7 +108,7 @@ def cross_check(artifacts: list[tuple[Path, dict]], tolerance: float) -> dict:
     """Every pair of artifacts, teacher-forced on the verification prompts with the first's
     greedy tokens; the quantized weights' digests compared."""
     from llmc import targets
-    from llmc.compiler.verify import verify
+    from llmc.compiler.verify import verify, verify_prompts
 
     sequences = {}
     for path, manifest in artifacts:
@@ -118,8 +118,7 @@ def cross_check(artifacts: list[tuple[Path, dict]], tolerance: float) -> dict:
     tokenizer = _tokenizer(artifacts[0])
     context = min(s.max_context for s in sequences.values())
     steps = artifacts[0][1].get("verification", {}).get("decode_steps", 8)
-    keep = max(1, context - steps)
-    prompts = [tokenizer.encode(t)[:keep] for t in _prompts()]
+    prompts = verify_prompts(tokenizer, context, steps)
     pairs = []
     for (a, seq_a), (b, seq_b) in itertools.combinations(sequences.items(), 2):
         found = verify(_ArtifactReference(a, seq_a), seq_b, prompts, tolerance, steps)
@@ -146,12 +145,6 @@ def cross_check(artifacts: list[tuple[Path, dict]], tolerance: float) -> dict:
         "summary": f"worst max |Δlogits| {worst:.2e} (tolerance {tolerance:.0e}), greedy "
         f"{agree}/{compared}" + ("" if same or not quantized else ", different quantized weights"),
     }
-
-
-def _prompts():
-    from llmc.compiler.verify import PROMPTS
-
-    return PROMPTS
 
 
 def _tokenizer(artifact: tuple[Path, dict]):

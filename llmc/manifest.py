@@ -45,12 +45,17 @@ def assemble(config, source, graph, emitted, reports, loaded, calibration=None) 
         "verification": {"skipped": True},
         "generation": generation_defaults(loaded.model, loaded.tokenizer),
         "build": {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": utc_now(),
             "seconds": None,
             "host": host_cpu(),  # the kernels verification ran on depend on it
             "pass_seconds": {r.name: round(r.seconds, 3) for r in reports},
         },
     }
+
+
+def utc_now() -> str:
+    """The build field's time stamp, e.g. 2026-12-02T02:06:01Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def generation_defaults(model, tok) -> dict:

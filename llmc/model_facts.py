@@ -63,10 +63,11 @@ def _gguf_config(path: Path) -> tuple[object, str, bool]:
     """The config from the GGUF's metadata keys (transformers' own key table, milliseconds)
     instead of transformers' full GGUF parse (seconds: it reads the whole vocabulary)."""
 
-    from llmc.artifact import sha256_file
     from llmc.compiler import sources
 
-    cached = (sources.cache_dir() / "gguf" / sha256_file(path)[:32] / "config.json").is_file()
+    cached = (
+        sources.cache_dir() / "gguf" / sources.file_sha256(path)[:32] / "config.json"
+    ).is_file()
     try:
         return _config_from_gguf_metadata(path), "GGUF metadata", cached
     except Exception as exc:  # an architecture the table lacks: transformers' reader decides

@@ -85,17 +85,19 @@ class QuantizeWeights(Pass):
         counts = {"quantized": 0, "int4": 0, "int8": 0, "fp32": 0, "embeddings": 0}
         done: list[Q.Quantized] = []
 
-        def once(
-            w, h, bits, group, gptq=False
-        ):  # each weight quantized once (compiler/quant_cache)
-            sym = cfg.symmetric if bits == cfg.bits else True  # as _quantize decides
-            method = "gptq" if gptq and h is not None else "rtn"
+        def once(make, w, h, bits: int, group: int, sym: bool, method: str):
+            """`make()` -> (Quantized, error), run once per distinct weight and grid: another
+            target's or an earlier build's result is reused (compiler/quant_cache)."""
             quant, error, reused = quant_cache.quantize(
-                lambda: _quantize(w, h, bits, group, cfg, gptq), w, h, bits, group, sym, method,
-                ctx.stage_cache,
-            )  # fmt: skip
+                make, w, h, bits, group, sym, method, ctx.stage_cache
+            )
             ctx.reused["quantized_weights"] += reused  # build-dependent: not in the report
             return quant, error
+
+        def linear(w, h, bits: int, group: int):
+            sym, gptq = _symmetric(cfg, bits), cfg.method == "gptq" and h is not None
+            make = lambda: _quantize(w, h, bits, group, sym, gptq)  # noqa: E731
+            return once(make, w, h, bits, group, sym, "gptq" if gptq else "rtn")
 
         for node in linears:
             w = _weight(graph, node)
@@ -107,12 +109,12 @@ class QuantizeWeights(Pass):
                 continue
             h = stats.hessian(node) if stats else None
             bits = 8 if node is head else cfg.bits
-            quant, error = once(w, h, bits, group, gptq=cfg.method == "gptq")
+            quant, error = linear(w, h, bits, group)
             if bits == 4 and error > cfg.int8_threshold:
                 notes.append(
                     f"{_name(node)}: 4-bit error {error:.3f} > {cfg.int8_threshold}; 8 bits"
                 )
-                quant, error = once(w, h, 8, group, gptq=cfg.method == "gptq")
+                quant, error = linear(w, h, 8, group)
             elif node is head and cfg.bits == 4:
                 notes.append(f"{_name(node)}: the lm_head keeps 8 bits")
             _replace_linear(graph, node, quant)
@@ -127,11 +129,8 @@ class QuantizeWeights(Pass):
             if table.shape[1] % group:
                 notes.append(f"{_name(node)}: width {table.shape[1]} not a multiple of {group}")
                 continue
-            quant, _, reused = quant_cache.quantize(
-                lambda table=table, group=group: (Q.rtn(table, 8, group, sym=True), 0.0),
-                table, None, 8, group, True, "rtn-embedding", ctx.stage_cache,
-            )  # fmt: skip
-            ctx.reused["quantized_weights"] += reused
+            make = lambda table=table, group=group: (Q.rtn(table, 8, group, sym=True), 0.0)  # noqa: E731
+            quant, _ = once(make, table, None, 8, group, True, "rtn-embedding")
             _replace_embedding(graph, node, quant)
             done.append(quant)
             counts["embeddings"] += 1
@@ -144,10 +143,14 @@ class QuantizeWeights(Pass):
 # -- quantizing one weight ------------------------------------------------------------------------
 
 
-def _quantize(w, h, bits, group, cfg: QuantConfig, gptq: bool) -> tuple[Q.Quantized, float]:
-    """(quantized weight, relative error: on the calibration outputs if `h`, else the weight)."""
-    sym = cfg.symmetric if bits == cfg.bits else True  # 8-bit fallbacks are symmetric
-    quant = Q.gptq(w, h, bits, group, sym) if gptq and h is not None else Q.rtn(w, bits, group, sym)
+def _symmetric(cfg: QuantConfig, bits: int) -> bool:
+    return cfg.symmetric if bits == cfg.bits else True  # 8-bit fallbacks are symmetric
+
+
+def _quantize(w, h, bits, group, sym: bool, gptq: bool) -> tuple[Q.Quantized, float]:
+    """(quantized weight, relative error: on the calibration outputs if `h`, else the weight);
+    `gptq` needs `h`."""
+    quant = Q.gptq(w, h, bits, group, sym) if gptq else Q.rtn(w, bits, group, sym)
     w_hat = quant.dequantize()
     if h is not None:
         error = Q.output_error(w, w_hat, h) ** 0.5

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 import llmc.runtime as rt
 from llmc.cli import cli
+from tests.test_tiny_end_to_end import hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -105,16 +106,8 @@ def _transformers_greedy(reference, ids: tuple[int, ...], n: int) -> list[int]:
     compares with the same ones)."""
     if (ids, n) not in _GREEDY:
         with torch.no_grad():
-            out = reference.model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=reference.tokenizer.pad_token_id,
-            )
-        _GREEDY[ids, n] = out[0, len(ids) :].tolist()
+            pad = reference.tokenizer.pad_token_id
+            _GREEDY[ids, n] = hf_greedy(reference.model, list(ids), n, pad_token_id=pad)
     return _GREEDY[ids, n]
 
 

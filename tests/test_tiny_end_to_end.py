@@ -10,7 +10,7 @@ import llmc.runtime as rt
 PROMPT = "What is the capital of France?"
 
 
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+def hf_greedy(model, ids: list[int], n: int, pad_token_id: int = 0) -> list[int]:
     out = model.generate(
         torch.tensor([ids]),
         attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -18,7 +18,7 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
         min_new_tokens=n,
         do_sample=False,
         eos_token_id=None,
-        pad_token_id=0,
+        pad_token_id=pad_token_id,
     )
     return out[0, len(ids) :].tolist()
 

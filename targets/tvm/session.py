@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmc.artifact_checks import artifact_file, check_native, reason
+from llmc.artifact_checks import artifact_file, check_native, is_int, reason
 from llmc.contract import KVMode
 from llmc.errors import ArtifactError
 from llmc.runtime.padded import ConcatRows
@@ -69,9 +69,6 @@ def _configure_threads(threads: int | None) -> None:
 
 def _check_index(path: Path, index) -> None:
     """Every weight of the index inside the params file, of a shape and dtype numpy reads."""
-    from llmc.artifact_checks import is_int
-    from llmc.errors import ArtifactError
-
     size = path.stat().st_size
     for e in index if isinstance(index, list) else [None]:
         try:
