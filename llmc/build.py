@@ -129,7 +129,7 @@ def build(config: BuildConfig, progress: Progress | None = None, loaded=None) ->
         progress.note(f"draft: the first {draft['layers']} of {draft['of']} layers")
     graph = _trace(config, loaded, passes, ctx, progress)
     calibration = None
-    if quant is not None and quant.calibrated:
+    if quant is not None and (quant.calibrated or quant.drift_tokens):
         from llmc.compiler.calibration import calibration as calibrate
 
         calibration = calibrate(
@@ -143,6 +143,8 @@ def build(config: BuildConfig, progress: Progress | None = None, loaded=None) ->
         reports = run_pipeline(graph, passes, ctx)
     for path in ctx.dumped:
         progress.note(f"graph dumped to {path}")
+    for note in (n for r in reports for n in r.notes if n.startswith("plan: ")):
+        progress.note(note)  # a precision plan's choice (llmc inspect lists each layer's)
 
     with atomic_directory(out) as tmp:
         with (

@@ -230,7 +230,25 @@ class _RichProgress:
 @click.option(
     "--max-ppl-increase",
     metavar="PCT",
-    help="Refuse (exit 3) an artifact whose perplexity exceeds fp32's by more, e.g. 5%.",
+    help="Refuse (exit 3) an artifact whose --eval perplexity exceeds fp32's by more, e.g. 3%. "
+    "With a 4-bit --quant it also sets a precision plan: each matmul gets the fastest form "
+    "(4-bit symmetric, the source's exact grid, or 8 bits) that keeps the calibration "
+    "perplexity within the budget, ranked by its measured drift (printed; llmc inspect).",
+)
+@click.option(
+    "--plan/--no-plan",
+    default=True,
+    show_default=True,
+    help="With a 4-bit --quant, let --max-ppl-increase choose each matmul's form; --no-plan keeps "
+    "the fixed recipe and only gates it.",
+)
+@click.option(
+    "--drift-tokens",
+    default=BuildConfig.drift_tokens,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Calibration tokens on which each quantized matmul's drift (the KL divergence of the "
+    "logits when only it is quantized) is measured and recorded; 0: not measured.",
 )
 @click.option(
     "--dump-after",

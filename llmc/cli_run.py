@@ -135,10 +135,19 @@ def run(
     type=click.IntRange(min=0),
     help="Score the text's first N tokens (0: all of it).",
 )
+@click.option(
+    "--path",
+    "scoring",
+    type=click.Choice(["prefill", "decode"]),
+    default="prefill",
+    show_default=True,
+    help="prefill: each window in one step (the prompt kernels); decode: one token per step, "
+    "teacher-forced (the kernels that generate text; slower).",
+)
 @THREADS
 @EXACT
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def evaluate(artifact, text, window, stride, max_tokens, threads, exact, as_json):
+def evaluate(artifact, text, window, stride, max_tokens, scoring, threads, exact, as_json):
     """Perplexity of ARTIFACT on a text, in strided windows: every token after the first is
     predicted once, with at least window - stride tokens of context. Any target gives
     comparable numbers."""
@@ -154,6 +163,7 @@ def evaluate(artifact, text, window, stride, max_tokens, threads, exact, as_json
             text,
             threads=threads,
             exact=exact,
+            scoring=scoring,
             window=window,
             stride=stride,
             max_tokens=max_tokens,
@@ -163,7 +173,7 @@ def evaluate(artifact, text, window, stride, max_tokens, threads, exact, as_json
         click.echo(json.dumps(result, indent=2))
     else:
         click.echo(
-            f"perplexity {result['perplexity']:.4f}  ({result['tokens']} tokens of "
+            f"perplexity {result['perplexity']:.4f}  ({scoring} path, {result['tokens']} tokens of "
             f"{result['file']}, {result['windows']} windows of {result['window']}, "
             f"stride {result['stride']})"
         )

@@ -34,7 +34,9 @@ class BuildConfig:
     # perplexity and the quality gate (llmc/evaluate.py)
     eval_file: Path | None = None
     eval_tokens: int = 8192
-    max_ppl_increase: float | None = None  # fraction, e.g. 0.05
+    max_ppl_increase: float | None = None  # fraction, e.g. 0.05; with 4-bit --quant: a plan
+    drift_tokens: int = 128  # calibration tokens each quantized matmul's drift is measured on
+    plan: bool = True  # a 4-bit --quant with --max-ppl-increase plans each matmul's form
     # debugging: write the graph after these passes (names) into dump_dir
     dump_after: tuple[str, ...] = ()
     dump_dir: Path = Path("llmc-dumps")
@@ -55,8 +57,11 @@ class BuildConfig:
 
     def check(self) -> None:
         """Flag combinations that cannot work, refused before any heavy work (LlmcError)."""
-        if self.max_ppl_increase is not None and self.eval_file is None:
-            raise LlmcError("--max-ppl-increase needs --eval FILE, the text to measure it on.")
+        if self.max_ppl_increase is not None and self.eval_file is None and not self.planned:
+            raise LlmcError(
+                "--max-ppl-increase needs --eval FILE, the text to measure it on (or a 4-bit "
+                "--quant, whose precision plan it sets)."
+            )
         if self.eval_file is not None and not Path(self.eval_file).is_file():
             raise LlmcError(f"--eval {self.eval_file} is not a file; pass a UTF-8 text file.")
         if self.quant is None:
@@ -72,6 +77,22 @@ class BuildConfig:
             )
         if self.calib is not None and not Path(self.calib).is_file():
             raise LlmcError(f"--calib {self.calib} is not a file; pass a UTF-8 text file.")
+        if self.planned and self.sym is not None:
+            raise LlmcError(
+                "--sym/--asym fix one grid for every layer, but --max-ppl-increase with a 4-bit "
+                "--quant plans each layer's form; drop --sym/--asym."
+            )
+        if self.planned and not self.drift_tokens:
+            raise LlmcError(
+                "--max-ppl-increase with a 4-bit --quant ranks layers by their measured drift; "
+                "--drift-tokens 0 turns that off: drop it."
+            )
+
+    @property
+    def planned(self) -> bool:
+        """A 4-bit build whose layers' forms a precision plan chooses (--max-ppl-increase)."""
+        four_bits = self.quant in ("int4", "gptq", "awq")
+        return self.plan and self.max_ppl_increase is not None and four_bits
 
     def quant_config(self):
         """The QuantConfig of --quant/--group-size/--sym (None: fp32)."""
@@ -81,4 +102,11 @@ class BuildConfig:
 
         if self.quant not in METHODS:
             raise LlmcError(f"--quant {self.quant}: choose one of {', '.join(METHODS)}.")
-        return QuantConfig(self.quant, group=self.group_size, sym=self.sym)
+        budget = self.max_ppl_increase if self.planned else None
+        return QuantConfig(
+            self.quant,
+            group=self.group_size,
+            sym=self.sym,
+            budget=budget,
+            drift_tokens=self.drift_tokens,
+        )

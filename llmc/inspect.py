@@ -65,11 +65,13 @@ def render(manifest: dict, directory: Path) -> None:
             if calib
             else ""
         )
-        grid = "symmetric" if quant["symmetric"] else "asymmetric"
+        sym = quant["symmetric"]
+        grid = sym if isinstance(sym, str) else "symmetric" if sym else "asymmetric"
         console.print(
             f"quant    {quant['method']}: {quant['bits']}-bit {grid}, group "
             f"{quant['group_size'] or 'per row'}{where}"
         )
+        _plan_and_drift(console, quant)
     fast = ver.get("fast_kernels")
     if fast:
         host = manifest["build"].get("host")
@@ -117,3 +119,39 @@ def render(manifest: dict, directory: Path) -> None:
     for op, n in sorted(manifest["graph"]["op_histogram"].items(), key=lambda kv: -kv[1]):
         ops.add_row(op, str(n))
     console.print(ops)
+
+
+DRIFT_ROWS = 10  # matmuls listed, largest drift first
+
+
+def _plan_and_drift(console, quant: dict) -> None:
+    """The precision plan (forms chosen, calibration perplexity) and the matmuls whose
+    quantization moves the logits most (measured KL divergence)."""
+    plan = quant.get("plan")
+    if plan:
+        forms = ", ".join(f"{n} {f}" for f, n in plan["forms"].items() if n)
+        console.print(
+            f"plan     {forms} within a {plan['budget']:.1%} perplexity budget (calibration "
+            f"{plan['calibration_increase']:+.2%} on {plan['calibration_tokens']} tokens, "
+            f"aiming at {plan['target']:+.2%})"
+        )
+    drift = quant.get("drift")
+    if not drift:
+        return
+    from rich.table import Table
+
+    layers = sorted(drift["layers"], key=lambda e: -e.get("kl_fast", e["kl"]))
+    table = Table(
+        "matmul", "form", "KL", "KL 4-bit fast", "output error",
+        title=f"drift: {drift['measure']} ({drift['tokens']} tokens; the output-error proxy "
+        f"ranks them with Spearman {drift['proxy_spearman']})",
+        title_justify="left",
+    )  # fmt: skip
+    for e in layers[:DRIFT_ROWS]:
+        kl = f"{e['kl']:.2e}" + (" (est.)" if e.get("kl_estimated") else "")
+        fast = f"{e['kl_fast']:.2e}" if "kl_fast" in e else ""
+        name = e["name"].replace("model.", "")  # the module path without its wrappers
+        table.add_row(name, e["form"], kl, fast, f"{e['error']:.2e}")
+    if len(layers) > DRIFT_ROWS:
+        table.add_row(f"[dim]… {len(layers) - DRIFT_ROWS} more in llmc.json[/dim]", "", "", "", "")
+    console.print(table)

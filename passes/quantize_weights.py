@@ -23,10 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from llmc.compiler import ops as _ops  # noqa: F401  (registers the llmc ops)
+from llmc.compiler import precision as P
 from llmc.compiler import quant_cache
 from llmc.compiler import quantize as Q
-from llmc.compiler.graph import Graph, module_path
+from llmc.compiler.graph import Graph
 from llmc.compiler.pass_manager import Pass, PassContext, PassReport
+from llmc.passes._quant_plan import choose_forms, default_form, layer_name, plan_forms, unit_of
 from llmc.passes._util import aten, erase_unused, evaluate, is_call
 
 METHODS = {"int8": 8, "int4": 4, "gptq": 4, "awq": 4}
@@ -40,6 +42,11 @@ class QuantConfig:
     sym: bool | None = None  # None: symmetric for int8, asymmetric for 4-bit methods
     int8_threshold: float = 0.15  # 4-bit layers whose relative error exceeds this get 8 bits
     awq_tokens: int = 1024  # calibration tokens the AWQ search scores each candidate on
+    # a 4-bit precision plan: the perplexity increase (fraction) it may cost on the calibration
+    # text, and the share of it the plan aims at (the rest is left for held-out text and kernels)
+    budget: float | None = None
+    budget_margin: float = 0.6
+    drift_tokens: int = 128  # calibration tokens each matmul's drift is measured on (0: none)
 
     @property
     def bits(self) -> int:
@@ -50,16 +57,21 @@ class QuantConfig:
         return self.sym if self.sym is not None else self.bits == 8
 
     @property
+    def planned(self) -> bool:
+        return self.budget is not None and self.bits == 4
+
+    @property
     def calibrated(self) -> bool:
-        return self.method in ("gptq", "awq")
+        return self.method in ("gptq", "awq") or self.planned
 
     def recipe(self) -> dict:
         return {
             "method": self.method,
             "bits": self.bits,
             "group_size": self.group,
-            "symmetric": self.symmetric,
+            "symmetric": "per layer (plan)" if self.planned else self.symmetric,
             "int8_threshold": self.int8_threshold,
+            **({"max_ppl_increase": self.budget} if self.planned else {}),
         }
 
 
@@ -94,30 +106,44 @@ class QuantizeWeights(Pass):
             ctx.reused["quantized_weights"] += reused  # build-dependent: not in the report
             return quant, error
 
-        def linear(w, h, bits: int, group: int):
-            sym, gptq = _symmetric(cfg, bits), cfg.method == "gptq" and h is not None
+        def linear(w, h, bits: int, group: int, sym: bool | None = None, gptq: bool = True):
+            sym = _symmetric(cfg, bits) if sym is None else sym
+            gptq = gptq and h is not None and (cfg.method == "gptq" or cfg.planned)
             make = lambda: _quantize(w, h, bits, group, sym, gptq)  # noqa: E731
             return once(make, w, h, bits, group, sym, "gptq" if gptq else "rtn")
 
+        units: list[P.Unit] = []
         for node in linears:
             w = _weight(graph, node)
             k = w.shape[1]
             group = cfg.group or k
             if k % group:
-                notes.append(f"{_name(node)}: input size {k} is not a multiple of {group}; fp32")
+                notes.append(
+                    f"{layer_name(node)}: input size {k} is not a multiple of {group}; fp32"
+                )
                 counts["fp32"] += 1
                 continue
             h = stats.hessian(node) if stats else None
+            unit = unit_of(graph, node, w, units)
+            units.append(unit)
+            if cfg.planned:
+                plan_forms(unit, h, group, linear)
+                continue
             bits = 8 if node is head else cfg.bits
             quant, error = linear(w, h, bits, group)
             if bits == 4 and error > cfg.int8_threshold:
                 notes.append(
-                    f"{_name(node)}: 4-bit error {error:.3f} > {cfg.int8_threshold}; 8 bits"
+                    f"{layer_name(node)}: 4-bit error {error:.3f} > {cfg.int8_threshold}; 8 bits"
                 )
                 quant, error = linear(w, h, 8, group)
             elif node is head and cfg.bits == 4:
-                notes.append(f"{_name(node)}: the lm_head keeps 8 bits")
-            _replace_linear(graph, node, quant)
+                notes.append(f"{layer_name(node)}: the lm_head keeps 8 bits")
+            form = default_form(quant)
+            unit.forms[form], unit.errors[form] = quant, error**2
+        chosen, drift, plan = choose_forms(graph, units, cfg, ctx, notes)
+        for unit in units:
+            quant = unit.forms[chosen[unit.name]]
+            _replace_linear(graph, unit.node, quant)
             done.append(quant)
             counts["quantized"] += 1
             counts[f"int{quant.bits}"] += 1
@@ -127,7 +153,9 @@ class QuantizeWeights(Pass):
                 continue
             group = cfg.group or table.shape[1]
             if table.shape[1] % group:
-                notes.append(f"{_name(node)}: width {table.shape[1]} not a multiple of {group}")
+                notes.append(
+                    f"{layer_name(node)}: width {table.shape[1]} not a multiple of {group}"
+                )
                 continue
             make = lambda table=table, group=group: (Q.rtn(table, 8, group, sym=True), 0.0)  # noqa: E731
             quant, _ = once(make, table, None, 8, group, True, "rtn-embedding")
@@ -137,6 +165,8 @@ class QuantizeWeights(Pass):
         modified = counts["quantized"] + counts["embeddings"] > 0
         if modified:
             graph.quantization = {**cfg.recipe(), "weights_sha256": quant_cache.rows_digest(done)}
+            graph.quantization.update({"drift": drift} if drift else {})
+            graph.quantization.update({"plan": plan} if plan else {})
         return PassReport(self.name, modified=modified, counts=counts, notes=notes)
 
 
@@ -160,7 +190,7 @@ def _quantize(w, h, bits, group, sym: bool, gptq: bool) -> tuple[Q.Quantized, fl
 
 
 def _constants(graph: Graph, node, quant: Q.Quantized, kind: str):
-    base = (_name(node) or node.name) + f".{kind}"
+    base = (layer_name(node) or node.name) + f".{kind}"
     qweight = graph.add_constant(base + ".qweight", quant.packed())
     scales = graph.add_constant(base + ".scales", quant.scales.contiguous())
     zeros = None if quant.sym else graph.add_constant(base + ".zeros", quant.zeros.contiguous())
@@ -211,11 +241,6 @@ def _stored_matrix(graph: Graph, node) -> torch.Tensor | None:
     if value is None or value.dim() != 2 or not value.is_floating_point():
         return None
     return value.detach().to(torch.float32)
-
-
-def _name(node) -> str:
-    path = module_path(node)
-    return path[-1][0] if path else node.name
 
 
 # -- calibration ----------------------------------------------------------------------------------
@@ -289,7 +314,7 @@ def _apply_awq(graph: Graph, linears, stats: _Statistics, cfg: QuantConfig, head
             continue
         fold(1 / s)
         for node, w in zip(group, weights, strict=True):
-            node.update_arg(1, graph.add_constant(_name(node) + ".awq_weight", w * s))
+            node.update_arg(1, graph.add_constant(layer_name(node) + ".awq_weight", w * s))
         stats.rescale(x, s)
         scaled += len(group)
     notes.append(f"awq: {scaled} of {len(linears)} linears scaled")
@@ -306,7 +331,7 @@ def _folder(graph: Graph, x):
             return None
 
         def fold_norm(factor):
-            new = graph.add_constant(_name(producer) + ".awq_norm", weight * factor)
+            new = graph.add_constant(layer_name(producer) + ".awq_norm", weight * factor)
             producer.update_arg(index, new)
 
         return fold_norm
@@ -322,10 +347,12 @@ def _folder(graph: Graph, x):
 
                 def fold_up(factor, up=up, weight=weight, bias=bias):
                     up.update_arg(
-                        1, graph.add_constant(_name(up) + ".awq", weight * factor[:, None])
+                        1, graph.add_constant(layer_name(up) + ".awq", weight * factor[:, None])
                     )
                     if bias is not None:
-                        up.update_arg(2, graph.add_constant(_name(up) + ".awq_b", bias * factor))
+                        up.update_arg(
+                            2, graph.add_constant(layer_name(up) + ".awq_b", bias * factor)
+                        )
 
                 return fold_up
     return None

@@ -274,10 +274,10 @@ def test_quantized_artifact_is_exact_against_its_graph(quant, extra, tmp_path):
     assert "fast_kernels" in ver
     q = m["quantization"]
     assert q["method"] == quant and q["bits"] == (8 if quant == "int8" else 4)
-    if quant in ("gptq", "awq"):
-        assert q["calibration"]["samples"] == 4 and len(q["calibration"]["sha256"]) == 64
-    else:
-        assert q["calibration"] is None
+    # every method records its calibration text: GPTQ/AWQ fit to it, and every build measures
+    # each matmul's drift on it
+    assert q["calibration"]["samples"] == 4 and len(q["calibration"]["sha256"]) == 64
+    assert len(q["drift"]["layers"]) == 11 and q["drift"]["tokens"] == 128
     ops = m["graph"]["op_histogram"]
     assert ops["com.microsoft::MatMulNBits"] == 11 and "MatMul" not in ops
     assert ops["com.microsoft::GatherBlockQuantized"] == 1
@@ -354,14 +354,17 @@ def test_gridded_model_builds_without_quantization_loss(tmp_path, tiny_model):
     result = CliRunner().invoke(cli, [*args, "--eval-tokens", "300"])
     assert result.exit_code == 0, result.output
     m = read_manifest(out)
-    assert abs(m["evaluation"]["increase"]) < 1e-4  # int4 reproduces the grid: no loss
+    # int4 reproduces the grid: no loss on the exact kernels (the default session's prompts run
+    # on int8-activation kernels where the CPU has int8 dot products)
+    exact = m["evaluation"].get("exact", m["evaluation"])
+    assert abs(exact["increase"]) < 1e-4
     split = next(p for p in m["passes"] if p["name"] == "split_zero_points")
     assert split["counts"]["split"] == 10
 
 
 def test_quality_gate_refuses_and_writes_nothing(tmp_path):
     out = tmp_path / "a"
-    args = ["build", "tiny:llama", "-o", str(out), "--quant", "int4", "--eval", DATA]
+    args = ["build", "tiny:llama", "-o", str(out), "--quant", "int4", "--no-plan", "--eval", DATA]
     result = CliRunner().invoke(cli, [*args, "--eval-tokens", "300", "--max-ppl-increase", "0.01%"])
     assert result.exit_code == 3, result.output
     assert "quality gate failed" in result.output and "--max-ppl-increase" in result.output

@@ -34,6 +34,13 @@ PREFILL_CHUNK = 256  # long prompts run in chunks: less attention work, bounded 
 EXACT_PREFILL_CHUNK = 1024
 # What a quantized artifact's default session computes differently from the exact one.
 FAST_KERNELS = "MatMulNBits accuracy level 4: int8 activations on decode steps, prompts exact"
+FAST_EVERY_STEP = "MatMulNBits accuracy level 4: int8 activations on every step"
+# CPU features whose int8 dot products make onnxruntime's int8-activation kernels fast for prompts
+# as well (SmolLM2 int8, 512 tokens: 0.37 s with VNNI; 5.35 s without, against 0.41 s exact). With
+# one of them, a quantized artifact runs prompts on the decode session too and holds one copy of
+# its weights (SmolLM2 int4: peak RSS 666 -> see bench/README.md); without, a second, exact
+# session serves prompts.
+INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")
 # Extend steps of at most this many tokens on a live cache (verifying drafted tokens) run on the
 # decode kernels, with every position's top logits rescored; longer ones run as a prefill.
 SHORT_EXTEND = 16
@@ -106,14 +113,27 @@ def _session(ort, model, opts, providers, path: Path):
         ) from None
 
 
+def fast_prompts() -> bool:
+    """Whether this CPU runs int8-activation prompts fast (INT8_DOT); LLMC_EXACT_PROMPTS=1 keeps
+    a second, exact session for prompts anyway."""
+    import os
+
+    from llmc.host import host_cpu
+
+    if os.environ.get("LLMC_EXACT_PROMPTS") == "1":
+        return False
+    return any(f in INT8_DOT for f in host_cpu()["features"])
+
+
 class Model(BaseModel):
     """An ONNX artifact loaded on onnxruntime: its sessions, shared by every sequence (an
     onnxruntime session runs concurrent calls); `sequence()` gives one of the artifact's KV mode.
 
     `exact`: quantized matmuls dequantize their weights and multiply in fp32 on every step
     (verification: the numbers of the llmc graph); otherwise decode steps quantize activations
-    to int8 (onnxruntime's fast kernels) and only prompts run exactly (faster for many rows, and
-    their logits are the exact ones)."""
+    to int8 (onnxruntime's fast kernels), and so do prompts where the CPU has int8 dot products
+    (`fast_prompts`: one session, one copy of the weights); elsewhere prompts run on a second,
+    exact session (faster there for many rows)."""
 
     spins = True
     short_extend = SHORT_EXTEND  # what its sequences keep bindings for
@@ -131,12 +151,16 @@ class Model(BaseModel):
             directory, manifest, threads, 0 if exact and quantized else None, fast, spin, config
         )
         self.prefill_session = self.decode_session
-        self.chunk = EXACT_PREFILL_CHUNK if quantized else PREFILL_CHUNK
+        self.fast_prompts = fast and fast_prompts()
+        exact_prompts = quantized and not self.fast_prompts
+        self.chunk = EXACT_PREFILL_CHUNK if exact_prompts else PREFILL_CHUNK
         # Exact quantized steps dequantize every weight into scratch on each call (113 MB for
         # SmolLM2's lm_head alone): one at a time, so that concurrent sequences do not each hold
         # that scratch (four int8 SmolLM2 prompts at once: peak RSS 1.56x one's, 1.0x in turn).
-        self.exact_steps = threading.Lock() if quantized else contextlib.nullcontext()
-        if fast:
+        self.exact_steps = threading.Lock() if exact_prompts else contextlib.nullcontext()
+        if self.fast_prompts:
+            self.fast_kernels = FAST_EVERY_STEP
+        elif fast:
             self.prefill_session, _ = _open(
                 directory, manifest, threads, 0, spin=spin, config=config
             )
@@ -154,7 +178,7 @@ class Model(BaseModel):
         """The session of a step of `tokens` new tokens (on a live cache or a fresh one) and
         its lm_head rescorer: short steps on a live cache run on the decode kernels, and so do
         the prompts of rows joining a running batch (`join`) on the fast kernels."""
-        if live and tokens <= SHORT_EXTEND:
+        if (live and tokens <= SHORT_EXTEND) or self.fast_prompts:
             return self.decode_session, self.rescore
         if join and self.rescore is not None and tokens <= FAST_JOIN:
             return self.decode_session, self.rescore
@@ -163,7 +187,7 @@ class Model(BaseModel):
     def run(self, sess, *args):
         """`sess.run(*args)`, or run_with_iobinding for a binding; exact quantized ones in turn."""
         run = sess.run_with_iobinding if len(args) == 1 else sess.run
-        if sess is self.prefill_session:
+        if sess is self.prefill_session and not self.fast_prompts:
             with self.exact_steps:
                 return run(*args)
         return run(*args)
