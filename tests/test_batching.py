@@ -203,5 +203,8 @@ def test_quantized_rows_join_on_the_fast_kernels(tiny_artifact):
         joined.append(step)
     assert np.abs(joined[0] - joined[2]).max() <= 1e-5  # the join
     assert np.abs(joined[1] - joined[3]).max() <= 1e-5  # and the step after it
-    alone = gen.model.sequence().prefill(np.array([PROMPTS[2]]))[0]  # exact kernels
-    assert 0 < np.abs(joined[0] - alone).max() <= 1.0
+    alone = gen.model.sequence().prefill(np.array([PROMPTS[2]]))[0]
+    if gen.model.fast_prompts:  # a CPU with int8 dot products: prompts on the same kernels
+        assert np.abs(joined[0] - alone).max() <= 1e-5
+    else:  # prompts alone run on the exact kernels
+        assert 0 < np.abs(joined[0] - alone).max() <= 1.0
