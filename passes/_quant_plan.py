@@ -34,8 +34,10 @@ def unit_of(graph, node, w, units) -> P.Unit:
     return P.Unit(node, name, w, feed, transposed=index == 2)
 
 
-def plan_forms(unit: P.Unit, h, group: int, linear) -> None:
-    """The forms a planned 4-bit matmul may take (compiler/precision.py), with their errors."""
+def plan_forms(unit: P.Unit, h, group: int, linear, symmetric_only: bool | None = None) -> None:
+    """The forms a planned 4-bit matmul may take (compiler/precision.py), with their errors;
+    `symmetric_only` (a target whose pipeline sets sym=True: TensorRT) leaves out the exact
+    grid, whose zero points are fractional."""
     w = unit.weight
     fast, error = linear(w, h, 4, group, sym=True)
     if h is not None:  # GPTQ, unless round-to-nearest leaves the smaller output error
@@ -43,7 +45,7 @@ def plan_forms(unit: P.Unit, h, group: int, linear) -> None:
         fast, error = (rtn, rtn_error) if rtn_error < error else (fast, error)
     unit.forms["fast"], unit.errors["fast"] = fast, error**2
     _, _, _, on_grid = Q.exact_grid(w.view(w.shape[0], -1, group), 4)
-    if bool(on_grid.all()):
+    if symmetric_only is not True and bool(on_grid.all()):  # a target taking zero points
         unit.forms["exact"], unit.errors["exact"] = Q.rtn(w, 4, group, sym=False), 0.0
     int8, error = linear(w, h, 8, group, sym=True, gptq=False)  # near-exact without GPTQ
     unit.forms["int8"], unit.errors["int8"] = int8, error**2

@@ -127,7 +127,7 @@ class QuantizeWeights(Pass):
             unit = unit_of(graph, node, w, units)
             units.append(unit)
             if cfg.planned:
-                plan_forms(unit, h, group, linear)
+                plan_forms(unit, h, group, linear, cfg.sym)
                 continue
             bits = 8 if node is head else cfg.bits
             quant, error = linear(w, h, bits, group)

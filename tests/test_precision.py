@@ -156,3 +156,21 @@ def test_quantized_onnx_holds_one_session_where_prompts_run_fast(tiny_artifact, 
     assert model.prefill_session is not model.decode_session and not model.fast_prompts
     exact = rt.load(path, exact=True).model
     assert exact.prefill_session is exact.decode_session and exact.fast_kernels is None
+
+
+def test_a_symmetric_only_target_plans_without_the_exact_grid(tmp_path):
+    """TensorRT takes zero points of 0 only: on a source already on Q4_1 grids, where ONNX could
+    keep the exact grid, its plan picks among 4-bit symmetric and 8 bits."""
+    from llmc.compiler import tiny
+    from tests.test_quantization import gridded_tiny_llama
+
+    src = tmp_path / "gridded"
+    gridded_tiny_llama().save_pretrained(src)
+    tiny.build_tokenizer().save_pretrained(src)
+    out = tmp_path / "a"
+    args = ["build", str(src), "-t", "tensorrt", "-o", str(out), "--quant", "int4"]
+    result = CliRunner().invoke(cli, [*args, "--max-ppl-increase", "0.5%"])
+    assert result.exit_code == 0, result.output
+    m = read_manifest(out)
+    forms = m["quantization"]["plan"]["forms"]
+    assert forms["exact"] == 0 and forms["int8"] > 0 and m["verification"]["passed"]
