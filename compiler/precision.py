@@ -121,13 +121,11 @@ class Probe:
         return total / max(1, count)
 
 
-def attribute(units: list[Unit], form_of: Callable[[Unit], str], probe: Probe, tick=None) -> None:
+def attribute(units: list[Unit], form_of: Callable[[Unit], str], probe: Probe) -> None:
     """Measure each unit's drift with only its weight replaced by its `form_of(unit)` form."""
     for unit in units:
         form = form_of(unit)
         unit.kl[form] = probe.kl({unit.feed: unit.value(form)})
-        if tick:
-            tick()
 
 
 def estimate_alternatives(units: list[Unit]) -> None:

@@ -44,7 +44,6 @@ def window_sizes(max_context: int, window: int | None, stride: int | None) -> tu
     return window, stride
 
 
-PATHS = ("prefill", "decode")
 DECODE_CHECK_TOKENS = 1024  # of the --eval text, scored on both paths by a quantized build's gate
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 
 # Instruction sets for which OpenVINO's CPU plugin and onnxruntime's MLAS take other kernel
@@ -20,7 +21,13 @@ KERNEL_FEATURES = (
 
 def host_cpu() -> dict:
     """{"model": name, "features": the KERNEL_FEATURES this CPU has} (Linux; elsewhere the
-    processor string and no features)."""
+    processor string and no features): a fresh dict each call, read once per process."""
+    model, features = _cpuinfo()
+    return {"model": model, "features": list(features)}
+
+
+@functools.cache
+def _cpuinfo() -> tuple[str, tuple[str, ...]]:
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as info:
@@ -33,7 +40,7 @@ def host_cpu() -> dict:
                     break
     except OSError:
         pass
-    return {"model": model, "features": [f for f in KERNEL_FEATURES if f in flags]}
+    return model, tuple(f for f in KERNEL_FEATURES if f in flags)
 
 
 def describe(host: dict) -> str:

@@ -24,11 +24,10 @@ def unit_of(graph, node, w, units) -> P.Unit:
     """The plan's view of a linear: its weight and the placeholder to replace it in probes (its
     own one where a tied embedding reads the same table, so a probe changes only the matmul)."""
     index = 2 if node.target is aten.addmm.default else 1
-    feed = node.args[index]
+    feed, name = node.args[index], layer_name(node)
     if len(feed.users) > 1:
-        feed = graph.add_constant(layer_name(node) + ".probe", graph.tensor(feed))
+        feed = graph.add_constant(name + ".probe", graph.tensor(feed))
         node.update_arg(index, feed)
-    name = layer_name(node)
     if any(u.name == name for u in units):
         name = f"{name}/{node.name}"
     return P.Unit(node, name, w, feed, transposed=index == 2)

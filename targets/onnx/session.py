@@ -38,8 +38,8 @@ FAST_EVERY_STEP = "MatMulNBits accuracy level 4: int8 activations on every step"
 # CPU features whose int8 dot products make onnxruntime's int8-activation kernels fast for prompts
 # as well (SmolLM2 int8, 512 tokens: 0.37 s with VNNI; 5.35 s without, against 0.41 s exact). With
 # one of them, a quantized artifact runs prompts on the decode session too and holds one copy of
-# its weights (SmolLM2 int4: peak RSS 666 -> see bench/README.md); without, a second, exact
-# session serves prompts.
+# its weights (SmolLM2 peak RSS, int8: 718 -> 389 MB; int4 Q4_1: 637 -> 364 MB); without, a
+# second, exact session serves prompts.
 INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")
 # Extend steps of at most this many tokens on a live cache (verifying drafted tokens) run on the
 # decode kernels, with every position's top logits rescored; longer ones run as a prefill.
@@ -144,23 +144,23 @@ class Model(BaseModel):
         threads, exact = self.options.threads, self.options.exact
         quantized = bool(manifest.get("quantization"))
         fast = quantized and not exact
-        self.fast_kernels = FAST_KERNELS if fast else None
+        self.fast_prompts = fast and fast_prompts()
+        self.fast_kernels = (
+            (FAST_EVERY_STEP if self.fast_prompts else FAST_KERNELS) if fast else None
+        )
         spin = self.options.spin
         config = self.session_config
         self.decode_session, self.rescore = _open(
             directory, manifest, threads, 0 if exact and quantized else None, fast, spin, config
         )
         self.prefill_session = self.decode_session
-        self.fast_prompts = fast and fast_prompts()
         exact_prompts = quantized and not self.fast_prompts
         self.chunk = EXACT_PREFILL_CHUNK if exact_prompts else PREFILL_CHUNK
         # Exact quantized steps dequantize every weight into scratch on each call (113 MB for
         # SmolLM2's lm_head alone): one at a time, so that concurrent sequences do not each hold
         # that scratch (four int8 SmolLM2 prompts at once: peak RSS 1.56x one's, 1.0x in turn).
         self.exact_steps = threading.Lock() if exact_prompts else contextlib.nullcontext()
-        if self.fast_prompts:
-            self.fast_kernels = FAST_EVERY_STEP
-        elif fast:
+        if fast and not self.fast_prompts:
             self.prefill_session, _ = _open(
                 directory, manifest, threads, 0, spin=spin, config=config
             )
