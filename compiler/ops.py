@@ -16,6 +16,7 @@ from torch import Tensor
 
 from llmc import quant_layout
 from llmc.compiler.quantize import dequantize
+from llmc.compiler.ssm_ops import DECOMPOSITIONS
 
 # -- references ----------------------------------------------------------------------------------
 
@@ -230,6 +231,7 @@ OPS = {
     torch.ops.llmc.attention.default: attention_ref,
     torch.ops.llmc.linear_nbits.default: linear_nbits_ref,
     torch.ops.llmc.embedding_nbits.default: embedding_nbits_ref,
+    **DECOMPOSITIONS,  # state-space models' ops (compiler/ssm_ops.py)
 }
 
 

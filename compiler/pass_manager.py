@@ -74,6 +74,8 @@ class Pass:
     tolerance: how far (relative to the outputs' scale) the outputs may move; a pass exact only
         in real arithmetic raises it.
     lossy: the difference is recorded, not refused (quantization; perplexity judges it).
+    attention_only: it rewrites attention, its projections, RoPE or the KV cache, which a
+        state-space model (a recurrent state, no attention) does not have: skipped there.
     """
 
     name: ClassVar[str] = ""
@@ -81,6 +83,7 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     tolerance: ClassVar[float] = 1e-5
     lossy: ClassVar[bool] = False
+    attention_only: ClassVar[bool] = False
 
     def configure(self, options, model: torch.nn.Module, ctx: PassContext) -> None:
         """Ask the front end for something before tracing (TraceOptions); most passes don't."""
@@ -178,6 +181,9 @@ def run_pipeline(
     reports = []
     for index, p in enumerate(passes):
         start = time.perf_counter()
+        if p.attention_only and graph.spec.recurrent is not None:
+            reports.append(PassReport(p.name, False, notes=["skipped: no attention (recurrent)"]))
+            continue
         report = p.run(graph, ctx)
         report.seconds = round(time.perf_counter() - start, 4)
         if report.modified and p.stage is not Stage.TRACE:

@@ -6,6 +6,24 @@ from dataclasses import asdict, dataclass, replace
 
 from llmc.errors import UnsupportedModelError
 
+# Model types whose layers are Mamba mixers (a selective scan with a convolution in front), which
+# llmc traces with a recurrent state instead of a KV cache (compiler/recurrent.py).
+MAMBA_TYPES = ("mamba",)
+# The context a recurrent model is built for when its config names none: its state does not grow
+# with the context, so this only bounds what the runtime accepts (`--max-context` changes it).
+RECURRENT_CONTEXT = 131072
+
+
+@dataclass(frozen=True)
+class RecurrentSpec:
+    """The recurrent state of a state-space model's layers (Mamba): a convolution state
+    [channels, conv_kernel - 1] and an SSM state [channels, state_size] per layer and row."""
+
+    channels: int  # the mixer's inner width (expand x hidden)
+    conv_kernel: int
+    state_size: int
+    time_step_rank: int
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -19,10 +37,13 @@ class ModelSpec:
     max_context: int
     rope_theta: float | None
     tie_word_embeddings: bool
+    recurrent: RecurrentSpec | None = None  # a state-space model: a recurrent state, no KV cache
 
     @classmethod
     def from_config(cls, config) -> ModelSpec:
         config = config.get_text_config()
+        if config.model_type in MAMBA_TYPES:
+            return cls._mamba(config)
         heads = getattr(config, "num_attention_heads", None)
         if not heads:
             raise UnsupportedModelError(
@@ -46,6 +67,28 @@ class ModelSpec:
         )
 
     @classmethod
+    def _mamba(cls, config) -> ModelSpec:
+        recurrent = RecurrentSpec(
+            channels=config.intermediate_size,
+            conv_kernel=config.conv_kernel,
+            state_size=config.state_size,
+            time_step_rank=int(config.time_step_rank),
+        )
+        return cls(
+            architecture=config.model_type,
+            num_layers=config.num_hidden_layers,
+            num_heads=0,
+            num_kv_heads=0,
+            head_dim=0,
+            hidden_size=config.hidden_size,
+            vocab_size=config.vocab_size,
+            max_context=getattr(config, "max_position_embeddings", None) or RECURRENT_CONTEXT,
+            rope_theta=None,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            recurrent=recurrent,
+        )
+
+    @classmethod
     def from_model(cls, model) -> ModelSpec:
         """from_config, with the KV-cache geometry read off one eager step of the model: configs
         spell it in many ways (num_key_value_heads, num_kv_heads, multi_query, ...), and a
@@ -54,6 +97,8 @@ class ModelSpec:
         from transformers.cache_utils import Cache
 
         spec = cls.from_config(model.config)
+        if spec.recurrent is not None:
+            return spec  # no KV cache to measure
         with torch.no_grad():
             out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
         cache = next((v for v in out.values() if isinstance(v, Cache)), None)

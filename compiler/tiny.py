@@ -93,6 +93,22 @@ TINY: dict[str, TinySpec] = {
     "falcon": TinySpec("FalconConfig", _family(num_key_value_heads=None)),
     # LayerNorm without bias, RoPE on interleaved pairs, parallel blocks, a logit scale
     "cohere": TinySpec("CohereConfig", _family(logit_scale=0.5)),
+    # a state-space model: Mamba mixers (convolution + selective scan) with a recurrent state,
+    # no attention (compiler/recurrent.py)
+    "mamba": TinySpec(
+        "MambaConfig",
+        dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=64,
+            state_size=16,
+            num_hidden_layers=2,
+            conv_kernel=4,
+            expand=2,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+    ),
 }
 
 

@@ -194,7 +194,12 @@ class TraceResult:
 
 
 def io_contract(spec: ModelSpec, options: TraceOptions) -> IOContract:
-    """The KV-cache contract (DESIGN.md) of a graph traced with `options`."""
+    """The KV-cache contract (DESIGN.md) of a graph traced with `options` (a recurrent state's
+    for a state-space model)."""
+    if spec.recurrent is not None:
+        from llmc.compiler import recurrent
+
+        return recurrent.io_contract(spec, options.logits_index)
     cache = CacheGeometry(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_context)
     return IOContract(cache, KVMode(options.kv_mode), logits_index=options.logits_index)
 
@@ -212,6 +217,10 @@ def example_inputs(
 
     In shared mode the KV buffers hold `past + seq + 2` positions (the tail is never read) and
     rows have different lengths, as they do in a batch."""
+    if spec.recurrent is not None:
+        from llmc.compiler import recurrent
+
+        return recurrent.example_inputs(spec, batch, seq, logits_index)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=g)
     index = (torch.arange(seq),) if logits_index else ()
@@ -238,6 +247,10 @@ def prefill_inputs(
 ) -> tuple:
     """The inputs that prefill one row `ids` [S] on an empty cache, with logits for every
     position (calibration runs of the graph)."""
+    if spec.recurrent is not None:
+        from llmc.compiler import recurrent
+
+        return recurrent.prefill_inputs(spec, ids, logits_index)
     s = len(ids)
     pos = torch.arange(s)[None]
     index = (torch.arange(s),) if logits_index else ()
@@ -262,6 +275,10 @@ def trace(
     from torch.export import Dim
 
     options = options or TraceOptions()
+    if spec.recurrent is not None:  # a state-space model: its state, not a KV cache
+        from llmc.compiler import recurrent
+
+        return recurrent.trace(model, spec, options.logits_index)
     wrapper = KVWrapper(model, spec, options=options).eval()
     batch = Dim("batch", min=1, max=64)
     seq = Dim("seq", min=1, max=spec.max_context)

@@ -91,7 +91,9 @@ def check_structure(directory, manifest) -> None:
     for key, rel in model_files.items():
         inside(directory, rel, f"target file {key!r}")
     model = _section(directory, manifest, "model")
-    for key in ("vocab_size", "num_layers", "num_kv_heads", "head_dim"):
+    # a recurrent model (Mamba) has no attention heads: its state's geometry is checked instead
+    heads = () if model.get("recurrent") else ("num_kv_heads", "head_dim")
+    for key in ("vocab_size", "num_layers", *heads):
         if key in model or key == "vocab_size":
             _positive(directory, model.get(key), f"model.{key}")
     io = _section(directory, manifest, "io", required=False)
@@ -102,6 +104,12 @@ def check_structure(directory, manifest) -> None:
         raise _fail(directory, "io.kv_geometry is not an object")
     for key, value in geometry.items():
         _positive(directory, value, f"io.kv_geometry.{key}")
+    state = io.get("state_geometry") or {}
+    if not isinstance(state, dict):
+        raise _fail(directory, "io.state_geometry is not an object")
+    for key, value in state.items():
+        if key != "dtype":
+            _positive(directory, value, f"io.state_geometry.{key}")
     if not isinstance(io.get("inputs", []), list):
         raise _fail(directory, "io.inputs is not a list")
     if io.get("kv_dtype", "float32") not in _KV_DTYPES:

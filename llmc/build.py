@@ -247,6 +247,8 @@ def _trace(config: BuildConfig, loaded, passes, ctx, progress):
                 "pass a smaller value."
             )
         spec = dataclasses.replace(spec, max_context=config.max_context)
+    if spec.recurrent is not None:
+        _check_recurrent(config, spec)
     options = trace_options(passes, loaded.model, ctx)
     cache = ctx.stage_cache
     key = cache.trace_key(loaded.source, spec, options, config.draft_layers) if cache else None
@@ -260,6 +262,26 @@ def _trace(config: BuildConfig, loaded, passes, ctx, progress):
     if key:
         cache.store_trace(key, traced.program)
     return Graph.from_trace(traced, spec)
+
+
+def _check_recurrent(config: BuildConfig, spec) -> None:
+    """What a state-space model cannot have yet: a target without the recurrent mode, weight
+    quantization (its scan's inputs come out of small projections no one has measured)."""
+    from llmc.errors import UnsupportedModelError
+    from llmc.targets import TARGETS
+
+    if not TARGETS[config.target].recurrent:
+        able = ", ".join(t.name for t in TARGETS.values() if t.recurrent)
+        raise UnsupportedModelError(
+            f"{spec.architecture} (a recurrent state, no attention) builds for --target {able}, "
+            f"not {config.target}."
+        )
+    if config.quant or config.draft_layers:
+        flag = "--quant" if config.quant else "--draft-layers"
+        raise UnsupportedModelError(
+            f"{flag} is not supported for {spec.architecture} (a state-space model) yet; build "
+            "it without."
+        )
 
 
 def _verify(config, source, loaded, target, directory: Path, graph, progress) -> dict:

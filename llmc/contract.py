@@ -8,6 +8,11 @@ Tensor names (DESIGN.md, "KV-cache contract"): inputs `input_ids`, `position_ids
 `attention_mask` (concat and stateful) or `seqlens_k` (shared), `logits_index` when the graph
 selects logit positions, `beam_idx` (stateful), `past_key_values.{i}.key|value`; outputs
 `logits`, `present.{i}.key|value`. Cache layout [batch, kv_heads, seq, head_dim].
+
+A state-space model (Mamba) has a recurrent state instead (`recurrent` mode): inputs `input_ids`,
+`attention_mask` [batch, seq] (this step's tokens only: 0 on left padding), `logits_index`,
+`past_state.{i}.conv|ssm`; outputs `logits`, `present.{i}.conv|ssm`, of fixed size whatever the
+context ([batch, channels, conv_kernel - 1] and [batch, channels, state_size]).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class KVMode(str, Enum):
     CONCAT = "concat"  # past in, present = past ++ new out; the runtime feeds it back
     SHARED = "shared"  # one buffer per layer bound as past and present, written in place
     STATEFUL = "stateful"  # the compiled model holds the cache as state (OpenVINO)
+    RECURRENT = "recurrent"  # a fixed-size recurrent state in, the next one out (Mamba)
 
     @property
     def seq_info(self) -> str:
@@ -61,6 +67,44 @@ class CacheGeometry:
         return past, [f"present.{i}.{kv}" for i, kv in kinds]
 
 
+@dataclass(frozen=True)
+class StateGeometry:
+    """The recurrent state of a state-space model, per layer and row: a convolution state
+    [channels, conv_width] and an SSM state [channels, state_size]. `step_tokens`: the most
+    positions one call of the graph takes (the runtime feeds longer prompts in chunks)."""
+
+    layers: int
+    channels: int
+    conv_width: int
+    state_size: int
+    max_context: int
+    step_tokens: int
+    dtype: str = "float32"
+
+    def names(self) -> tuple[list[str], list[str]]:
+        """(past input names, present output names), conv then ssm per layer."""
+        kinds = [(i, s) for i in range(self.layers) for s in ("conv", "ssm")]
+        return [f"past_state.{i}.{s}" for i, s in kinds], [f"present.{i}.{s}" for i, s in kinds]
+
+    def shapes(self, rows: int) -> list[tuple[int, int, int]]:
+        """The shape of each past input, in names() order."""
+        conv, ssm = (rows, self.channels, self.conv_width), (rows, self.channels, self.state_size)
+        return [conv, ssm] * self.layers
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of state one row holds, whatever its context."""
+        per_layer = self.channels * (self.conv_width + self.state_size)
+        return self.layers * per_layer * _itemsize(self.dtype)
+
+    def to_manifest(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+
+
 _DTYPES = {
     "input_ids": "int64",
     "position_ids": "int64",
@@ -74,7 +118,7 @@ _DTYPES = {
 
 @dataclass(frozen=True)
 class IOContract:
-    cache: CacheGeometry
+    cache: CacheGeometry | StateGeometry
     kv_mode: KVMode = KVMode.CONCAT
     logits: Logits = Logits.ALL
     logits_index: bool = False  # the graph takes a `logits_index` input
@@ -90,9 +134,15 @@ class IOContract:
         return self.cache.names()[1] if self.kv_mode.runtime_owns_cache else []
 
     @property
+    def recurrent(self) -> bool:
+        """A recurrent state (Mamba), not a KV cache."""
+        return isinstance(self.cache, StateGeometry)
+
+    @property
     def inputs(self) -> list[str]:
         index = ["logits_index"] if self.logits_index else []
-        head = ["input_ids", "position_ids", self.kv_mode.seq_info, *index]
+        positions = [] if self.recurrent else ["position_ids"]
+        head = ["input_ids", *positions, self.kv_mode.seq_info, *index]
         names = [*head, *self.extra_inputs, *self.past_inputs]
         return [n for n in names if n not in self.unused]
 
@@ -122,6 +172,19 @@ class IOContract:
 
     # -- the manifest's "io" entry ------------------------------------------------------------
     def to_manifest(self) -> dict:
+        if self.recurrent:
+            return {
+                "inputs": self.inputs,
+                "outputs": self.outputs,
+                "past_inputs": self.past_inputs,
+                "present_outputs": self.present_outputs,
+                "dtypes": {n: self.dtype(n) for n in [*self.inputs, "logits"] if n in _DTYPES},
+                "kv_mode": self.kv_mode.value,
+                "state_geometry": self.cache.to_manifest(),
+                "state_layout": "[batch, channels, conv_kernel - 1] and [batch, channels, state]",
+                "logits": self.logits.value,
+                "max_context": self.cache.max_context,
+            }
         return {
             "inputs": self.inputs,
             "outputs": self.outputs,
@@ -146,6 +209,8 @@ class IOContract:
         geometry was stored: it then comes from the model spec)."""
         io, model = manifest.get("io") or {}, manifest.get("model") or {}
         try:
+            if "state_geometry" in io:
+                return cls._recurrent(io)
             geometry = io.get("kv_geometry") or {
                 "layers": model["num_layers"],
                 "kv_heads": model["num_kv_heads"],
@@ -174,3 +239,17 @@ class IOContract:
                 "artifact with this llmc."
             ) from None
         return contract
+
+    @classmethod
+    def _recurrent(cls, io: dict) -> IOContract:
+        geometry = io["state_geometry"]
+        fields = {f.name for f in dataclasses.fields(StateGeometry)}
+        state = StateGeometry(**{k: v for k, v in geometry.items() if k in fields})
+        inputs = io.get("inputs", [])
+        contract = cls(
+            state,
+            KVMode(io["kv_mode"]),
+            Logits(io.get("logits", "all")),
+            logits_index="logits_index" in inputs,
+        )
+        return contract.without_inputs(set(contract.inputs) - set(inputs)) if inputs else contract

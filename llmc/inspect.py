@@ -4,6 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Contexts at which `llmc inspect` compares a recurrent state with a KV cache.
+STATE_CONTEXTS = (4096, 32768)
+
+
+def state_summary(state, model: dict) -> str:
+    """A recurrent state's size per sequence beside what a KV cache of the same depth and width
+    (one key and one value of the hidden size per layer and token, fp32) holds at a few
+    contexts."""
+    conv, ssm = (state.channels, state.conv_width), (state.channels, state.state_size)
+    kv_token = 2 * state.layers * int(model["hidden_size"]) * 4
+    kv = ", ".join(f"{kv_token * n / 1e6:,.1f} MB at {n:,} tokens" for n in STATE_CONTEXTS)
+    return (
+        f"recurrent, {state.row_bytes / 1e6:.2f} MB per sequence whatever its length "
+        f"(per layer: conv {conv[0]}×{conv[1]} + ssm {ssm[0]}×{ssm[1]}, {state.dtype}; "
+        f"prompts in steps of {state.step_tokens}); a KV cache of the same depth and width "
+        f"would hold {kv}"
+    )
+
 
 def render(manifest: dict, directory: Path) -> None:
     from rich.console import Console
@@ -22,12 +40,20 @@ def render(manifest: dict, directory: Path) -> None:
         f"format {manifest['format_version']}"
     )
     console.print(f"source   {manifest['source']['kind']} {manifest['source']['ref']}")
-    console.print(
-        f"model    {model['architecture']}: {model['num_layers']} layers, "
-        f"{model['num_heads']} heads / {model['num_kv_heads']} kv heads, "
-        f"head dim {model['head_dim']}, vocab {model['vocab_size']}, "
-        f"context {io.max_context}"
-    )
+    if io.recurrent:
+        console.print(
+            f"model    {model['architecture']}: {model['num_layers']} layers, hidden "
+            f"{model['hidden_size']}, no attention, vocab {model['vocab_size']}, "
+            f"context {io.max_context}"
+        )
+        console.print(f"state    {state_summary(io.cache, model)}")
+    else:
+        console.print(
+            f"model    {model['architecture']}: {model['num_layers']} layers, "
+            f"{model['num_heads']} heads / {model['num_kv_heads']} kv heads, "
+            f"head dim {model['head_dim']}, vocab {model['vocab_size']}, "
+            f"context {io.max_context}"
+        )
     console.print(
         f"target   {target['name']} ({target['flavor']}), KV mode {io.kv_mode.value}, "
         f"logits {io.logits.value}"

@@ -56,6 +56,7 @@ def _dims(node) -> frozenset:
 
 class FoldLayout(Pass):
     name = "fold_layout"
+    attention_only = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         transposes = reshapes = 0

@@ -89,6 +89,7 @@ class _FuseSiblings(Pass):
 
 class FuseQkv(_FuseSiblings):
     name = "fuse_qkv"
+    attention_only = True
     parent_kind = "Attention"
 
 

@@ -58,6 +58,7 @@ def _match(node):
 
 class FuseRotary(Pass):
     name = "fuse_rotary"
+    attention_only = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         fused, notes, tables = 0, [], {}

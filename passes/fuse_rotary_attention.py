@@ -24,6 +24,7 @@ ATTENTION = torch.ops.llmc.attention.default
 
 class FuseRotaryAttention(Pass):
     name = "fuse_rotary_attention"
+    attention_only = True
     requires = ("replace_attention", "fuse_rotary")  # and shared KV, or it declines
 
     def run(self, graph: Graph, ctx: PassContext) -> PassReport:

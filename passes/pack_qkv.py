@@ -57,6 +57,7 @@ def _packed_source(q, k, v, kv_width: int):
 
 class PackQkv(Pass):
     name = "pack_qkv"
+    attention_only = True
     requires = ("replace_attention", "fuse_qkv")  # and RoPE inside attention, or it declines
 
     def run(self, graph: Graph, ctx: PassContext) -> PassReport:

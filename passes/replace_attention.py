@@ -27,6 +27,7 @@ _LEFTOVERS = (
 
 class ReplaceAttention(Pass):
     name = "replace_attention"
+    attention_only = True
     stage = Stage.TRACE
 
     def configure(self, options: TraceOptions, model: torch.nn.Module, ctx: PassContext) -> None:

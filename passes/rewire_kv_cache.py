@@ -22,6 +22,7 @@ from llmc.contract import KVMode
 
 class RewireKvCache(Pass):
     name = "rewire_kv_cache"
+    attention_only = True
     requires = ("replace_attention",)
     stage = Stage.TRACE
 

@@ -190,6 +190,10 @@ class Sequence(ABC):
             self._remove(keep)
             self._rows = int(keep.size)
 
+    def keep_rollback(self, steps: int) -> None:  # noqa: B027 (a KV cache rolls back anywhere)
+        """Be ready to roll back up to `steps` steps (a recurrent state keeps what that needs;
+        runtime/recurrent.py)."""
+
     @property
     def kv_bytes(self) -> int:
         """Bytes of KV cache this sequence holds now (what is allocated, padding included)."""

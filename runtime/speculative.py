@@ -120,6 +120,8 @@ class DraftModel:
         ours = sum(f.stat().st_size for f in target.model.directory.iterdir() if f.is_file())
         self.cost = weights / max(ours, 1)  # decode is memory-bound: cost follows the bytes
         self.seq = self.model.sequence()
+        # it rolls back its drafts after a verification, and its catch-up steps after those
+        self.seq.keep_rollback(MAX_DRAFT + 2)
         self._fed: np.ndarray | None = None  # tokens of each row in the draft's cache
         self._off = False  # the prompts do not fit the draft's context
         self._base: list[int] = []

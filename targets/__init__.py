@@ -44,6 +44,9 @@ class TargetInfo:
     runtime: str = ""  # the module (and distribution) its session needs, version-checked at load
     description: str = ""
     kv_variants: tuple[KVVariant, ...] = (KVVariant(KVMode.CONCAT),)
+    # whether it builds state-space models (Mamba: a recurrent state, `recurrent` mode); the
+    # conformance suite builds tiny ones on each that does
+    recurrent: bool = False
 
     def missing(self, for_runtime: bool = False) -> list[str]:
         needed = (self.runtime,) if for_runtime and self.runtime else self.requires
@@ -97,6 +100,7 @@ TARGETS: dict[str, TargetInfo] = {
             "pip install 'llmc[onnx]'",
             description="ONNX graph run by onnxruntime (CPU)",
             runtime="onnxruntime",
+            recurrent=True,
             kv_variants=(
                 KVVariant(KVMode.SHARED),
                 # the second mode of the same lowering: a spread of families (plain, partial
@@ -117,6 +121,7 @@ TARGETS: dict[str, TargetInfo] = {
             description="stateful OpenVINO IR run by OpenVINO's CPU plugin",
             runtime="openvino",
             kv_variants=(KVVariant(KVMode.STATEFUL),),
+            recurrent=True,
         ),
         TargetInfo(
             "tvm",

@@ -170,6 +170,12 @@ class Model(BaseModel):
         self.last_only = self.io.logits is Logits.LAST  # artifacts from before logits_index
 
     def sequence(self) -> Sequence:
+        if self.io.kv_mode is KVMode.RECURRENT:
+            from llmc.runtime.recurrent import RecurrentSequence
+
+            return RecurrentSequence(
+                self, lambda feeds, names: self.run(self.decode_session, names, feeds)
+            )
         if self.io.kv_mode is KVMode.SHARED:
             return SharedKVSequence(self)
         return ConcatKVSequence(self)

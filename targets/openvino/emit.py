@@ -181,7 +181,7 @@ def emit(graph: Graph, out_dir: Path, options) -> EmitResult:
 
     from llmc.targets.openvino.lowering import conversion_extensions
 
-    if graph.kv_mode is not KVMode.CONCAT:
+    if graph.kv_mode not in (KVMode.CONCAT, KVMode.RECURRENT):
         raise ValueError("the OpenVINO target takes a concat-mode graph (no rewire_kv_cache)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's pytree deprecations, raised inside the converter
@@ -191,7 +191,10 @@ def emit(graph: Graph, out_dir: Path, options) -> EmitResult:
     for port, name in zip(model.outputs, graph.output_names, strict=True):
         port.get_tensor().set_names({name})
     io = graph.io
-    make_stateful(model, io.past_inputs, io.present_outputs, io.cache.kv_heads, io.cache.head_dim)
+    if not io.recurrent:  # a recurrent state stays explicit inputs and outputs: session.py says why
+        make_stateful(
+            model, io.past_inputs, io.present_outputs, io.cache.kv_heads, io.cache.head_dim
+        )
     _stable_names(model)
     path = Path(out_dir) / MODEL_FILE
     ov.save_model(model, str(path), compress_to_fp16=False)
@@ -205,12 +208,13 @@ def emit(graph: Graph, out_dir: Path, options) -> EmitResult:
         op_histogram=dict(sorted(histogram.items())),
         toolchain={"openvino": ov.__version__.split("-")[0]},
         flavor="openvino-cpu",
-        io=_stateful_io(graph, saved),
+        io=graph.io if io.recurrent else _stateful_io(graph, saved),
         target={
             "precision": options.precision,  # verification still runs at f32
             "fused_ops": fused,
             "weights": WEIGHTS_FILE,
-            "sliding_window": _largest_window(graph),  # the runtime keeps no masked holes then
+            # the runtime keeps no masked holes then
+            "sliding_window": 0 if io.recurrent else _largest_window(graph),
             **({"dynamic_quantization": _integer_zero_points(graph)} if graph.quantization else {}),
         },
     )

@@ -189,7 +189,32 @@ class Model(BaseModel):
             self.decoder(1)  # compile now: the first decode step must not pay for it
 
     def sequence(self) -> Sequence:
+        if self.io.recurrent:
+            return self._recurrent_sequence()
         return Sequence(self)
+
+    def _recurrent_sequence(self):
+        """A state-space model's sequence (runtime/recurrent.py) on infer requests of its own
+        (with static decode, decode steps on the model reshaped to their exact shapes, state
+        included). Its state stays explicit inputs and outputs rather than OpenVINO state: it is
+        small (tiny Mamba: 18 KB a row; 129M: 2.8 MB), a step reads and writes it whole anyway,
+        and rollback, rows joining and leaving need it as arrays (one code path for every
+        target)."""
+        from llmc.runtime.recurrent import RecurrentSequence
+
+        requests: dict[int, object] = {}  # batch size of a static decode model (0: dynamic)
+
+        def run(feeds, names):
+            rows, step = feeds["input_ids"].shape
+            key = rows if self.static_decode and step == 1 else 0
+            if key not in requests:
+                compiled = self.decoder(rows) if key else self.compiled
+                requests[key] = compiled.create_infer_request()
+            request = requests[key]
+            request.infer(feeds, share_inputs=True)
+            return [request.get_tensor(n).data.copy() for n in names]
+
+        return RecurrentSequence(self, run)
 
     def _compile(self, model):
         compiled = self._core.compile_model(model, "CPU", self._properties)
@@ -220,10 +245,13 @@ class Model(BaseModel):
                 fixed = {
                     "input_ids": [batch, 1],
                     "position_ids": [batch, 1],
-                    "attention_mask": [batch, -1],  # the context length stays dynamic
+                    "attention_mask": [batch, 1 if self.io.recurrent else -1],  # context: dynamic
                     "logits_index": [1],
                     "beam_idx": [batch],
                 }
+                if self.io.recurrent:  # every shape static: the state's too
+                    shapes = self.io.cache.shapes(batch)
+                    fixed.update(zip(self.io.past_inputs, map(list, shapes), strict=True))
                 model = self._model.clone()
                 shapes = {p: ov.PartialShape(fixed[p.get_any_name()]) for p in model.inputs}
                 model.reshape(shapes)
