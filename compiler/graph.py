@@ -55,6 +55,8 @@ class Graph:
     def example_inputs(self, batch: int = 1, seq: int = 3, past: int = 2):
         from llmc.compiler.trace import example_inputs
 
+        if self.io.recurrent:  # a recurrent graph takes at most step_tokens positions a call
+            seq = min(seq, self.io.cache.step_tokens)
         return example_inputs(
             self.spec,
             batch=batch,

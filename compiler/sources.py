@@ -239,6 +239,13 @@ def _load_pretrained(source: Source):
             "model."
         ) from exc
     check_architecture(config)
+    if source.kind == "hf-dir" and not any(
+        f.endswith((".safetensors", ".bin", ".pt")) for f in os.listdir(source.ref)
+    ):
+        raise SourceError(
+            f"{source.ref} has a config.json but no weights (*.safetensors or *.bin); pass the "
+            "directory that holds them."
+        )
     model = transformers.AutoModelForCausalLM.from_pretrained(source.ref, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.ref)
     if source.kind == "hf-dir":

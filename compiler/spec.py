@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass, replace
 from llmc.errors import UnsupportedModelError
 
 # Model types whose layers are Mamba mixers (a selective scan with a convolution in front), which
-# llmc traces with a recurrent state instead of a KV cache (compiler/recurrent.py).
-MAMBA_TYPES = ("mamba",)
+# llmc traces with a recurrent state instead of a KV cache (compiler/recurrent.py): Mamba, Falcon
+# Mamba (Mamba with norms on Δ, B and C) and Mamba2 (heads sharing one decay, groups of B and C).
+MAMBA_TYPES = ("mamba", "falcon_mamba", "mamba2")
 # The context a recurrent model is built for when its config names none: its state does not grow
 # with the context, so this only bounds what the runtime accepts (`--max-context` changes it).
 RECURRENT_CONTEXT = 131072
@@ -17,12 +18,12 @@ RECURRENT_CONTEXT = 131072
 @dataclass(frozen=True)
 class RecurrentSpec:
     """The recurrent state of a state-space model's layers (Mamba): a convolution state
-    [channels, conv_kernel - 1] and an SSM state [channels, state_size] per layer and row."""
+    [conv_channels, conv_kernel - 1] and an SSM state [channels, state_size] per layer and row."""
 
-    channels: int  # the mixer's inner width (expand x hidden)
+    channels: int  # the scan's width (expand x hidden; Mamba2: heads x head_dim)
+    conv_channels: int  # what the convolution sees (Mamba2: x, B and C together)
     conv_kernel: int
     state_size: int
-    time_step_rank: int
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class ModelSpec:
         if not heads:
             raise UnsupportedModelError(
                 f"{config.model_type!r} has no attention heads in its config (a state-space or "
-                "recurrent model?); llmc compiles attention-based decoders only."
+                "recurrent model?); llmc compiles attention-based decoders and the state-space "
+                f"families {', '.join(MAMBA_TYPES)}."
             )
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         rope = getattr(config, "rope_parameters", None) or {}
@@ -68,11 +70,13 @@ class ModelSpec:
 
     @classmethod
     def _mamba(cls, config) -> ModelSpec:
+        channels = int(config.expand * config.hidden_size)
+        groups = getattr(config, "n_groups", 0)  # Mamba2: B and C per group, in the convolution
         recurrent = RecurrentSpec(
-            channels=config.intermediate_size,
+            channels=channels,
+            conv_channels=channels + 2 * groups * config.state_size,
             conv_kernel=config.conv_kernel,
             state_size=config.state_size,
-            time_step_rank=int(config.time_step_rank),
         )
         return cls(
             architecture=config.model_type,
@@ -102,6 +106,13 @@ class ModelSpec:
         with torch.no_grad():
             out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
         cache = next((v for v in out.values() if isinstance(v, Cache)), None)
+        kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [])}
+        if "LinearAttentionLayer" in kinds:  # transformers' cache of conv / SSM state layers
+            raise UnsupportedModelError(
+                f"{spec.architecture!r} mixes attention with recurrent (convolution, state-space "
+                "or linear-attention) layers, a hybrid llmc does not build yet; it builds "
+                f"attention models and the state-space families {', '.join(MAMBA_TYPES)}."
+            )
         keys = getattr(cache.layers[0], "keys", None) if cache is not None else None
         if keys is None or keys.dim() != 4:
             return spec

@@ -42,16 +42,35 @@ def causal_conv1d_ref(
     return y.transpose(1, 2), full[:, :, full.shape[2] - width :].clone()
 
 
+def _per_channel(x: Tensor) -> Tensor:
+    """B or C as [B, S, 1 or D, N]: one for every channel, or each channel's own."""
+    return x.unsqueeze(2) if x.dim() == 3 else x
+
+
+def causal_conv1d_taps(
+    x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """causal_conv1d_ref as one multiply-add per kernel tap, no convolution op (TensorRT's ONNX
+    parser takes 2D and 3D convolutions only)."""
+    width = weight.shape[1] - 1
+    full = torch.cat((state, x.transpose(1, 2)), dim=2)  # [B, C, K-1+S]
+    s = x.shape[1]
+    y = sum(full[:, :, k : k + s] * weight[:, k : k + 1] for k in range(width + 1))
+    if bias is not None:
+        y = y + bias.unsqueeze(-1)
+    return y.transpose(1, 2), full[:, :, full.shape[2] - width :].clone()
+
+
 def _discretize(u, delta, A, B):
     """exp(Δ·A) and Δ·B·u per position and channel: [B, S, D, N] each."""
     decay = torch.exp(delta.unsqueeze(-1) * A)
-    inject = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
+    inject = (delta * u).unsqueeze(-1) * _per_channel(B)
     return decay, inject
 
 
 def _readout(h, u, C, D, z):
     """y = C·h + D·u, gated by silu(z): h [B, S, D, N] -> [B, S, D]."""
-    y = (h * C.unsqueeze(2)).sum(-1) + u * D
+    y = (h * _per_channel(C)).sum(-1) + u * D
     return y * F.silu(z) if z is not None else y
 
 
@@ -67,8 +86,9 @@ def selective_scan_ref(
 ) -> tuple[Tensor, Tensor]:
     """Mamba's selective scan continuing from `state`, one position after another.
 
-    u, delta (Δ, after softplus), z [B, S, D]; A [D, N] (negative); B, C [B, S, N]; D [D];
-    state [B, D, N] -> (y [B, S, D], the state after the last position [B, D, N])."""
+    u, delta (Δ, after softplus), z [B, S, D] (z may be None: no gate); A [D, N] (negative);
+    B, C [B, S, N] (shared by every channel) or [B, S, D, N] (Mamba2's groups, spread over their
+    channels); D [D]; state [B, D, N] -> (y [B, S, D], the state after the last position)."""
     decay, inject = _discretize(u, delta, A, B)
     h, states = state, []
     for t in range(u.shape[1]):
@@ -88,11 +108,14 @@ def selective_scan_steps(u, delta, A, B, C, D, z, state):
     """selective_scan_ref for calls of at most SCAN_TOKENS positions, with no loop over them:
     after doubling step k, (decay_t, inject_t) compose the last 2^(k+1) positions ending at t."""
     decay, inject = _discretize(u, delta, A, B)
-    for k in range(_SCAN_STEPS):
+    s = u.shape[1]
+    steps = (s - 1).bit_length() if isinstance(s, int) else _SCAN_STEPS  # static: what it needs
+    for k in range(steps):
         inject = decay * _shift(inject, 1 << k, 0.0) + inject
         decay = decay * _shift(decay, 1 << k, 1.0)
     h = decay * state.unsqueeze(1) + inject  # [B, S, D, N]: every position's state
-    return _readout(h, u, C, D, z), h[:, -1]
+    # the last position's state by its index (TVM's importer mis-reads a negative one)
+    return _readout(h, u, C, D, z), h.select(1, h.shape[1] - 1)
 
 
 causal_conv1d = torch.library.custom_op("llmc::causal_conv1d", mutates_args=())(causal_conv1d_ref)

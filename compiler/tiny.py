@@ -45,6 +45,13 @@ def _family(**overrides) -> dict:
     return {**_COMMON, **overrides}
 
 
+def _ssm(**overrides) -> dict:
+    """A state-space model's config: 2 layers, hidden 64, expand 2, state 16."""
+    common = dict(vocab_size=VOCAB_SIZE, hidden_size=64, state_size=16, num_hidden_layers=2)
+    ids = dict(bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    return {**common, "conv_kernel": 4, "expand": 2, **ids, **overrides}
+
+
 # A registry, not a chain of ifs: a new tiny architecture is one entry.
 TINY: dict[str, TinySpec] = {
     "llama": TinySpec("LlamaConfig", _family(tie_word_embeddings=True)),
@@ -95,20 +102,11 @@ TINY: dict[str, TinySpec] = {
     "cohere": TinySpec("CohereConfig", _family(logit_scale=0.5)),
     # a state-space model: Mamba mixers (convolution + selective scan) with a recurrent state,
     # no attention (compiler/recurrent.py)
-    "mamba": TinySpec(
-        "MambaConfig",
-        dict(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=64,
-            state_size=16,
-            num_hidden_layers=2,
-            conv_kernel=4,
-            expand=2,
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-    ),
+    "mamba": TinySpec("MambaConfig", _ssm()),
+    # Mamba with weightless RMSNorms on Δ, B and C
+    "falcon_mamba": TinySpec("FalconMambaConfig", _ssm()),
+    # Mamba2: heads sharing one decay each, B and C per group (two here), a gated RMSNorm
+    "mamba2": TinySpec("Mamba2Config", _ssm(num_heads=8, head_dim=16, n_groups=2, chunk_size=16)),
 }
 
 

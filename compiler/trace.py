@@ -32,6 +32,9 @@ class TraceOptions:
     attention: str = "model"
     kv_mode: KVMode = KVMode.CONCAT
     logits_index: bool = False  # a `logits_index` input picks the positions that get logits
+    # a state-space model's positions per call (None: ssm_ops.SCAN_TOKENS; 1: a graph of one
+    # position, static, for a target whose compiler cannot take the scan's symbolic shapes)
+    recurrent_step: int | None = None
 
     def attention_impl(self, model: torch.nn.Module) -> str:
         if self.attention == ATTENTION_NAME:
@@ -199,7 +202,7 @@ def io_contract(spec: ModelSpec, options: TraceOptions) -> IOContract:
     if spec.recurrent is not None:
         from llmc.compiler import recurrent
 
-        return recurrent.io_contract(spec, options.logits_index)
+        return recurrent.io_contract(spec, options.logits_index, options.recurrent_step)
     cache = CacheGeometry(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_context)
     return IOContract(cache, KVMode(options.kv_mode), logits_index=options.logits_index)
 
@@ -278,7 +281,7 @@ def trace(
     if spec.recurrent is not None:  # a state-space model: its state, not a KV cache
         from llmc.compiler import recurrent
 
-        return recurrent.trace(model, spec, options.logits_index)
+        return recurrent.trace(model, spec, options.logits_index, options.recurrent_step)
     wrapper = KVWrapper(model, spec, options=options).eval()
     batch = Dim("batch", min=1, max=64)
     seq = Dim("seq", min=1, max=spec.max_context)

@@ -250,6 +250,10 @@ def _trace(config: BuildConfig, loaded, passes, ctx, progress):
     if spec.recurrent is not None:
         _check_recurrent(config, spec)
     options = trace_options(passes, loaded.model, ctx)
+    if spec.recurrent is not None:
+        from llmc.targets import TARGETS
+
+        options.recurrent_step = TARGETS[config.target].recurrent_step
     cache = ctx.stage_cache
     key = cache.trace_key(loaded.source, spec, options, config.draft_layers) if cache else None
     program = cache.trace(key) if key else None

@@ -70,11 +70,12 @@ class CacheGeometry:
 @dataclass(frozen=True)
 class StateGeometry:
     """The recurrent state of a state-space model, per layer and row: a convolution state
-    [channels, conv_width] and an SSM state [channels, state_size]. `step_tokens`: the most
+    [conv_channels, conv_width] and an SSM state [channels, state_size]. `step_tokens`: the most
     positions one call of the graph takes (the runtime feeds longer prompts in chunks)."""
 
     layers: int
     channels: int
+    conv_channels: int
     conv_width: int
     state_size: int
     max_context: int
@@ -88,13 +89,13 @@ class StateGeometry:
 
     def shapes(self, rows: int) -> list[tuple[int, int, int]]:
         """The shape of each past input, in names() order."""
-        conv, ssm = (rows, self.channels, self.conv_width), (rows, self.channels, self.state_size)
-        return [conv, ssm] * self.layers
+        conv = (rows, self.conv_channels, self.conv_width)
+        return [conv, (rows, self.channels, self.state_size)] * self.layers
 
     @property
     def row_bytes(self) -> int:
         """Bytes of state one row holds, whatever its context."""
-        per_layer = self.channels * (self.conv_width + self.state_size)
+        per_layer = self.conv_channels * self.conv_width + self.channels * self.state_size
         return self.layers * per_layer * _itemsize(self.dtype)
 
     def to_manifest(self) -> dict:
@@ -181,7 +182,7 @@ class IOContract:
                 "dtypes": {n: self.dtype(n) for n in [*self.inputs, "logits"] if n in _DTYPES},
                 "kv_mode": self.kv_mode.value,
                 "state_geometry": self.cache.to_manifest(),
-                "state_layout": "[batch, channels, conv_kernel - 1] and [batch, channels, state]",
+                "state_layout": "[batch, conv_channels, conv_kernel - 1], [batch, channels, state]",
                 "logits": self.logits.value,
                 "max_context": self.cache.max_context,
             }

@@ -12,7 +12,7 @@ def state_summary(state, model: dict) -> str:
     """A recurrent state's size per sequence beside what a KV cache of the same depth and width
     (one key and one value of the hidden size per layer and token, fp32) holds at a few
     contexts."""
-    conv, ssm = (state.channels, state.conv_width), (state.channels, state.state_size)
+    conv, ssm = (state.conv_channels, state.conv_width), (state.channels, state.state_size)
     kv_token = 2 * state.layers * int(model["hidden_size"]) * 4
     kv = ", ".join(f"{kv_token * n / 1e6:,.1f} MB at {n:,} tokens" for n in STATE_CONTEXTS)
     return (

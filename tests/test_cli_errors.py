@@ -54,7 +54,8 @@ def test_directory_that_is_not_a_model(tmp_path):
         ({"model_type": "bert", "hidden_size": 64}, "'bert' is an encoder (bidirectional"),
         ({"model_type": "t5", "d_model": 64}, "'t5' is an encoder-decoder (seq2seq) model"),
         ({"model_type": "vit"}, "'vit' is not a causal language model"),
-        ({"model_type": "mamba", "hidden_size": 64}, "'mamba' has no attention heads"),
+        ({"model_type": "rwkv", "hidden_size": 64}, "'rwkv' has no attention heads"),
+        ({"model_type": "mamba", "hidden_size": 64}, "has a config.json but no weights"),
         ({"model_type": "no_such_arch"}, "does not know this architecture"),
     ],
 )

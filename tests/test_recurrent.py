@@ -14,12 +14,21 @@ from llmc.artifact import read_manifest
 from llmc.compiler import ssm_ops
 from llmc.contract import IOContract, KVMode
 from llmc.errors import SessionError
+from llmc.targets import TARGETS
 from tests.test_batching import check_join_and_leave
 from tests.test_conformance import RUNNABLE, _perplexities
 from tests.test_speculative import check_extend_and_truncate, check_speculative_greedy
 from tests.test_tiny_end_to_end import PROMPT, check_batch_equals_rows, hf_greedy
 
 RECURRENT = [name for name, info in RUNNABLE.items() if info.recurrent]
+# every target's state-space families (the registry's recurrent_families)
+CASES = [
+    pytest.param(arch, name, id=f"{arch}-{name}")
+    for name in RECURRENT
+    for arch in RUNNABLE[name].recurrent_families
+]
+# the runtime's checks (batches, rollback, speculative decoding, joins, perplexity) exercise the
+# target's sequence, the same for every family: on the first family only
 # a prompt longer than two of the graph's steps (ssm_ops.SCAN_TOKENS positions a call)
 LONG = list(range(3, 3 + 2 * ssm_ops.SCAN_TOKENS + 17))
 
@@ -65,9 +74,9 @@ def test_causal_conv_carries_its_state():
     assert torch.equal(state, x[:, -3:].transpose(1, 2))
 
 
-@pytest.mark.parametrize("target", RECURRENT)
-def test_tiny_mamba_conformance(target, tiny_artifact, tiny_model, monkeypatch):
-    path = tiny_artifact("mamba", target=target)
+@pytest.mark.parametrize(("arch", "target"), CASES)
+def test_tiny_state_space_conformance(arch, target, tiny_artifact, tiny_model, monkeypatch):
+    path = tiny_artifact(arch, target=target)
     m = read_manifest(path)
     io = IOContract.from_manifest(m)
     assert (
@@ -83,7 +92,7 @@ def test_tiny_mamba_conformance(target, tiny_artifact, tiny_model, monkeypatch):
     ver = m["verification"]
     assert ver["passed"] and ver["max_abs_diff"] <= 1e-4 and ver["greedy_agreement"] == 18
     assert ver["batched_max_abs_diff"] <= 1e-4  # a left-padded batch: each row as alone
-    model, tokenizer = tiny_model("mamba")
+    model, tokenizer = tiny_model(arch)
     gen = rt.load(path)
     ids = tokenizer(PROMPT)["input_ids"]
     ours = [int(t[0]) for t in gen.generate_ids([ids], rt.GenerationConfig(32, ignore_eos=True))]
@@ -101,6 +110,8 @@ def test_tiny_mamba_conformance(target, tiny_artifact, tiny_model, monkeypatch):
         want = model(torch.tensor([LONG])).logits[0].numpy()
     assert np.abs(scored - want).max() <= 1e-4
     check_batch_equals_rows(gen)
+    if arch != TARGETS[target].recurrent_families[0]:
+        return
     check_extend_and_truncate(gen, ids)
     usage = check_speculative_greedy(gen, ids, None, monkeypatch)  # drafts partly wrong
     assert 0 < usage.accepted < usage.drafted
@@ -139,15 +150,71 @@ def test_rollback_is_bounded_and_said(target, tiny_artifact):
         ref.truncate([4])
 
 
+def test_tensorrt_network_of_a_state_space_model(tiny_artifact, tiny_model):
+    """The TensorRT target's standard-ONNX network of a tiny Mamba: what its parser takes, a
+    build spec whose profiles give the state its fixed shapes and prompts their steps, and in
+    onnxruntime the greedy tokens of transformers (no engine can be built here)."""
+    import importlib.util
+    import json
+
+    import onnx
+
+    from llmc.targets.tensorrt import engine, parser_support
+    from tests.test_tensorrt import verify_generator
+
+    if importlib.util.find_spec("tensorrt") is not None or not TARGETS["tensorrt"].recurrent:
+        pytest.skip("covers the network without TensorRT installed")
+    path = tiny_artifact("mamba", target="tensorrt")
+    network = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    assert all(n.domain in ("", "ai.onnx") for n in network.graph.node)
+    assert parser_support.check(network) == []
+    manifest = read_manifest(path)
+    io = IOContract.from_manifest(manifest)
+    assert manifest["verification"]["passed"] and manifest["target"]["engine"] is None
+    spec = json.loads((path / engine.SPEC_FILE).read_text())
+    prefill, decode = (p["shapes"] for p in spec["profiles"])
+    assert prefill["input_ids"]["max"][1] == io.cache.step_tokens
+    for name, shape in zip(io.past_inputs, io.cache.shapes(engine.MAX_BATCH), strict=True):
+        assert prefill[name]["max"] == decode[name]["max"] == list(shape)
+    model, tokenizer = tiny_model("mamba")
+    ids = tokenizer(PROMPT)["input_ids"]
+    gen = verify_generator(path)
+    ours = [int(t[0]) for t in gen.generate_ids([ids], rt.GenerationConfig(32, ignore_eos=True))]
+    assert ours == hf_greedy(model, ids, 32)
+
+
 def test_targets_without_the_recurrent_mode_refuse_it(tmp_path):
     """A target that cannot build a recurrent state, and quantization, are refused before the
     trace, in one sentence, with nothing written."""
     from tests.test_cli_errors import assert_nothing_written, assert_user_error, invoke
 
-    for args, want in (
-        (["--target", "tensorrt"], "builds for --target onnx, openvino, not tensorrt"),
-        (["--quant", "int8"], "--quant is not supported for mamba"),
-    ):
+    able = ", ".join(t.name for t in TARGETS.values() if t.recurrent)
+    cases = [(["--quant", "int8"], "--quant is not supported for mamba")]
+    for t in TARGETS.values():
+        if t.ready and not t.recurrent:
+            cases.append((["--target", t.name], f"builds for --target {able}, not {t.name}"))
+    for args, want in cases:
         out = tmp_path / "a"
         assert_user_error(invoke("build", "tiny:mamba", "--out", out, *args), want)
         assert_nothing_written(out)
+
+
+def test_a_hybrid_model_is_refused_in_one_sentence(tmp_path):
+    """Attention mixed with convolution layers (LFM2): refused before the trace, naming what
+    llmc does build."""
+    import transformers
+
+    from llmc.compiler.tiny import build_tokenizer
+    from tests.test_cli_errors import assert_nothing_written, assert_user_error, invoke
+
+    config = transformers.Lfm2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention"],
+    )  # fmt: skip
+    source = tmp_path / "lfm2"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    build_tokenizer().save_pretrained(source)
+    out = tmp_path / "out"
+    result = invoke("build", source, "--out", out)
+    assert_user_error(result, "'lfm2' mixes attention with recurrent", "mamba, falcon_mamba")
+    assert_nothing_written(out)

@@ -48,7 +48,7 @@ def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
 
     from llmc.compiler import ops
 
-    if graph.kv_mode is not KVMode.SHARED:
+    if graph.kv_mode not in (KVMode.SHARED, KVMode.RECURRENT):
         raise TargetError(
             f"the inductor target needs llmc attention on a shared KV cache, which this "
             f"{graph.spec.architecture} graph does not have (it keeps its own attention); "

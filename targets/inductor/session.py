@@ -61,7 +61,21 @@ class Model(BaseModel):
         return out[0], list(out[1:])
 
     def sequence(self) -> Sequence:
+        if self.io.recurrent:
+            from llmc.runtime.recurrent import RecurrentSequence
+
+            return RecurrentSequence(self, self.run_step)
         return SharedSequence(self)
+
+    def run_step(self, feeds: dict, names: list) -> list[np.ndarray]:
+        """One step of a recurrent graph: every input by name (its state included) -> the
+        outputs `names` (logits, then the next state), as numpy."""
+        import torch
+
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.inputs if n in feeds]
+        with self.lock, torch.no_grad():
+            out = self.runner(*[a.to(self.device) for a in args])
+        return [t.float().cpu().numpy() for t in out[: len(names)]]
 
 
 class SharedSequence(SlotSequence):

@@ -38,14 +38,23 @@ def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
     from llmc.targets.tensorrt import engine, parser_support, quantized
     from llmc.targets.tensorrt.lowering import OPSET, PLACEHOLDER_DOMAIN, translation_table
 
-    if graph.kv_mode is not KVMode.CONCAT:
+    if graph.kv_mode not in (KVMode.CONCAT, KVMode.RECURRENT):
         raise TargetError(
             "the tensorrt target takes the concat KV mode only (explicit past/present)."
         )
     out_dir = Path(out_dir)
     path = out_dir / MODEL_FILE
     table = translation_table()
-    program = _decompose_sdpa(ops.decompose(graph.program, keep=set(table)))
+    program = graph.program
+    if graph.io.recurrent:  # a Mamba's convolution as multiply-adds: no 1D convolutions
+        import torch
+
+        from llmc.compiler.ssm_ops import causal_conv1d_taps
+
+        program = program.run_decompositions(
+            {torch.ops.llmc.causal_conv1d.default: causal_conv1d_taps}
+        )
+    program = _decompose_sdpa(ops.decompose(program, keep=set(table)))
     export(program, graph, table, path, OPSET)
     model = onnx.load(str(path), load_external_data=False)
     rewritten = 0

@@ -35,8 +35,11 @@ def _profile(io: IOContract, inputs: list[str], seq: tuple, past: tuple, batch: 
     geometry = io.cache
     shapes = {}
     for name in inputs:
-        if name in ("input_ids", "position_ids"):
+        if name in ("input_ids", "position_ids") or (io.recurrent and name == "attention_mask"):
             dims = [batch, seq]
+        elif io.recurrent and name in io.past_inputs:  # a state: the same size at any length
+            _, channels, width = geometry.shapes(1)[io.past_inputs.index(name)]
+            dims = [batch, (channels,) * 3, (width,) * 3]
         elif name == "attention_mask":  # past + new positions, never more than the context
             total = tuple(s + p for s, p in zip(seq, past, strict=True))
             dims = [batch, (*total[:2], min(total[2], geometry.max_context))]
@@ -54,7 +57,8 @@ def _profile(io: IOContract, inputs: list[str], seq: tuple, past: tuple, batch: 
 
 
 def build_spec(io: IOContract, inputs: list[str], precision: str, version: str) -> dict:
-    context = io.max_context
+    # a recurrent network takes prompts in steps of step_tokens, whatever the context
+    context = io.cache.step_tokens if io.recurrent else io.max_context
     prompt = _profile(io, inputs, (1, min(512, context), context), (0, 0, context - 1),
                       (1, 1, MAX_BATCH))  # fmt: skip
     step = min(DECODE_STEP, context)
@@ -66,7 +70,7 @@ def build_spec(io: IOContract, inputs: list[str], precision: str, version: str) 
         "strongly_typed": True,
         "precision": precision,
         "workspace_mb": WORKSPACE_MB,
-        "max_context": context,
+        "max_context": io.max_context,
         "profiles": [
             {"name": "prefill", "shapes": prompt},
             {"name": "decode", "shapes": decode},

@@ -82,6 +82,7 @@ SUPPORTED: dict[str, Op] = {
     "Sin": Op(F),
     "Slice": Op(F | I | B, (3,)),
     "Softmax": Op(F),
+    "Softplus": Op(F),  # Mamba's Δ (an activation layer of TensorRT's)
     "Split": Op(F | I | B),
     "Sqrt": Op(F),
     "Squeeze": Op(F | I | B, (1,)),

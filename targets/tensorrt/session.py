@@ -46,6 +46,11 @@ class Model(BaseModel):  # pragma: no cover - needs TensorRT and a GPU, absent h
 
     def __init__(self, directory, manifest: dict, options=None):
         super().__init__(directory, manifest, options)
+        if self.io.recurrent:
+            raise SessionError(
+                f"{self.directory} is a recurrent (state-space) network: its engine's runtime is "
+                "not written yet; run the same model with --target onnx or openvino."
+            )
         target = manifest["target"]
         name = target.get("engine")
         if name:

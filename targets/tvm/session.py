@@ -138,9 +138,24 @@ class Model(BaseModel):
         return relax.VirtualMachine(self.library, self.device)["main"]
 
     def sequence(self) -> Sequence:
+        if self.io.recurrent:
+            return self._recurrent_sequence()
         if self.io.kv_mode is KVMode.SHARED:
             return SharedSequence(self)
         return ConcatSequence(self)
+
+    def _recurrent_sequence(self) -> Sequence:
+        """A state-space model's sequence (runtime/recurrent.py) on a VM of its own."""
+        from llmc.runtime.recurrent import RecurrentSequence
+
+        main = self.vm()
+
+        def run(feeds: dict, names: list) -> list[np.ndarray]:
+            inputs = [feeds[name] for name in self.io.inputs if name in feeds]
+            out = main(*map(_tensor, inputs), *self.params)
+            return [out[i].numpy() for i in range(len(names))]
+
+        return RecurrentSequence(self, run)
 
 
 class SharedSequence(SlotSequence):
