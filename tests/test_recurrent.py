@@ -181,6 +181,9 @@ def test_tensorrt_network_of_a_state_space_model(tiny_artifact, tiny_model):
     gen = verify_generator(path)
     ours = [int(t[0]) for t in gen.generate_ids([ids], rt.GenerationConfig(32, ignore_eos=True))]
     assert ours == hf_greedy(model, ids, 32)
+    with torch.no_grad():  # a prompt of three of the network's steps
+        want = model(torch.tensor([LONG])).logits[0, -1].numpy()
+    assert np.abs(gen.model.sequence().prefill(np.array([LONG]))[0] - want).max() <= 1e-4
 
 
 def test_targets_without_the_recurrent_mode_refuse_it(tmp_path):
