@@ -178,7 +178,7 @@ def zero_states(spec: ModelSpec, rows: int) -> list[torch.Tensor]:
 
 
 def example_inputs(spec: ModelSpec, batch: int = 2, seq: int = 3, logits_index: bool = False):
-    """One step of `seq` tokens on a random (live) state, the first row left-padded by one."""
+    """One step of `seq` tokens on a random (live) state, every position unmasked."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.int64)

@@ -247,13 +247,9 @@ def _trace(config: BuildConfig, loaded, passes, ctx, progress):
                 "pass a smaller value."
             )
         spec = dataclasses.replace(spec, max_context=config.max_context)
-    if spec.recurrent is not None:
-        _check_recurrent(config, spec)
     options = trace_options(passes, loaded.model, ctx)
     if spec.recurrent is not None:
-        from llmc.targets import TARGETS
-
-        options.recurrent_step = TARGETS[config.target].recurrent_step
+        options.recurrent_step = _check_recurrent(config, spec)
     cache = ctx.stage_cache
     key = cache.trace_key(loaded.source, spec, options, config.draft_layers) if cache else None
     program = cache.trace(key) if key else None
@@ -268,13 +264,15 @@ def _trace(config: BuildConfig, loaded, passes, ctx, progress):
     return Graph.from_trace(traced, spec)
 
 
-def _check_recurrent(config: BuildConfig, spec) -> None:
+def _check_recurrent(config: BuildConfig, spec) -> int | None:
     """What a state-space model cannot have yet: a target without the recurrent mode, weight
-    quantization (its scan's inputs come out of small projections no one has measured)."""
+    quantization (its scan's inputs come out of small projections no one has measured). Returns
+    the target's positions per call of a recurrent graph (TargetInfo.recurrent_step)."""
     from llmc.errors import UnsupportedModelError
     from llmc.targets import TARGETS
 
-    if not TARGETS[config.target].recurrent:
+    target = TARGETS[config.target]
+    if not target.recurrent:
         able = ", ".join(t.name for t in TARGETS.values() if t.recurrent)
         raise UnsupportedModelError(
             f"{spec.architecture} (a recurrent state, no attention) builds for --target {able}, "
@@ -286,6 +284,7 @@ def _check_recurrent(config: BuildConfig, spec) -> None:
             f"{flag} is not supported for {spec.architecture} (a state-space model) yet; build "
             "it without."
         )
+    return target.recurrent_step
 
 
 def _verify(config, source, loaded, target, directory: Path, graph, progress) -> dict:

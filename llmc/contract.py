@@ -62,9 +62,13 @@ class CacheGeometry:
 
     def names(self) -> tuple[list[str], list[str]]:
         """(past input names, present output names), key then value per layer."""
-        kinds = [(i, kv) for i in range(self.layers) for kv in ("key", "value")]
-        past = [f"past_key_values.{i}.{kv}" for i, kv in kinds]
-        return past, [f"present.{i}.{kv}" for i, kv in kinds]
+        return _io_names(self.layers, "past_key_values", ("key", "value"))
+
+
+def _io_names(layers: int, past: str, kinds: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """`{past}.{i}.{kind}` inputs and `present.{i}.{kind}` outputs, every kind per layer."""
+    pairs = [(i, kind) for i in range(layers) for kind in kinds]
+    return [f"{past}.{i}.{k}" for i, k in pairs], [f"present.{i}.{k}" for i, k in pairs]
 
 
 @dataclass(frozen=True)
@@ -84,8 +88,7 @@ class StateGeometry:
 
     def names(self) -> tuple[list[str], list[str]]:
         """(past input names, present output names), conv then ssm per layer."""
-        kinds = [(i, s) for i in range(self.layers) for s in ("conv", "ssm")]
-        return [f"past_state.{i}.{s}" for i, s in kinds], [f"present.{i}.{s}" for i, s in kinds]
+        return _io_names(self.layers, "past_state", ("conv", "ssm"))
 
     def shapes(self, rows: int) -> list[tuple[int, int, int]]:
         """The shape of each past input, in names() order."""
@@ -174,17 +177,21 @@ class IOContract:
     # -- the manifest's "io" entry ------------------------------------------------------------
     def to_manifest(self) -> dict:
         if self.recurrent:
-            return {
-                "inputs": self.inputs,
-                "outputs": self.outputs,
-                "past_inputs": self.past_inputs,
-                "present_outputs": self.present_outputs,
-                "dtypes": {n: self.dtype(n) for n in [*self.inputs, "logits"] if n in _DTYPES},
+            cache = {
                 "kv_mode": self.kv_mode.value,
                 "state_geometry": self.cache.to_manifest(),
                 "state_layout": "[batch, conv_channels, conv_kernel - 1], [batch, channels, state]",
-                "logits": self.logits.value,
-                "max_context": self.cache.max_context,
+            }
+        else:
+            cache = {
+                "kv_dtype": self.cache.dtype,
+                "kv_layout": KV_LAYOUT,
+                "kv_mode": self.kv_mode.value,
+                "kv_geometry": {
+                    "layers": self.cache.layers,
+                    "kv_heads": self.cache.kv_heads,
+                    "head_dim": self.cache.head_dim,
+                },
             }
         return {
             "inputs": self.inputs,
@@ -192,14 +199,7 @@ class IOContract:
             "past_inputs": self.past_inputs,
             "present_outputs": self.present_outputs,
             "dtypes": {n: self.dtype(n) for n in [*self.inputs, "logits"] if n in _DTYPES},
-            "kv_dtype": self.cache.dtype,
-            "kv_layout": KV_LAYOUT,
-            "kv_mode": self.kv_mode.value,
-            "kv_geometry": {
-                "layers": self.cache.layers,
-                "kv_heads": self.cache.kv_heads,
-                "head_dim": self.cache.head_dim,
-            },
+            **cache,
             "logits": self.logits.value,
             "max_context": self.cache.max_context,
         }

@@ -91,9 +91,9 @@ class RecurrentSequence(Sequence):
 
     def _truncate(self, lengths: np.ndarray) -> None:
         state = [s.copy() for s in self._state]
+        entries = list(self._log)
         for b in np.flatnonzero(lengths < self._held):
             # the newest step that started at or before the cut, and the tokens fed since
-            entries = list(self._log)
             start = next((i for i in reversed(range(len(entries)))
                           if entries[i][0][b] <= lengths[b]), None)  # fmt: skip
             if start is None:
