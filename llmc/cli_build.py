@@ -97,6 +97,15 @@ class _RichProgress:
     "is faster on CPUs with AMX/AVX512-BF16 and is not verified].",
 )
 @click.option(
+    "--compat",
+    type=click.Choice(["openvino-genai", "onnxruntime-genai"]),
+    help="Also make the artifact load as it is in a vendor's runtime: openvino-genai "
+    "(LLMPipeline, OpenVINO Model Server; --target openvino) or onnxruntime-genai (og.Model; "
+    "--target onnx). Its graph then computes the last position's logits only (no speculative "
+    "decoding or perplexity in llmc's runtime); the build checks the vendor runtime's greedy "
+    "tokens where it is installed.",
+)
+@click.option(
     "--autotune/--no-autotune",
     default=None,
     help="inductor only: benchmark Inductor's C++ GEMM template against ATen's for every matmul "

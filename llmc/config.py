@@ -23,6 +23,9 @@ class BuildConfig:
     decode_steps: int = 8
     precision: str | None = None  # OpenVINO compute precision at run time: "f32" (default) | "bf16"
     autotune: bool | None = None  # inductor: autotune its matmul kernels (default: yes)
+    # a vendor runtime the artifact must also load in (llmc/compat.py): "openvino-genai" with
+    # --target openvino, "onnxruntime-genai" with --target onnx
+    compat: str | None = None
     cache: bool = True  # reuse an identical earlier build (llmc.cache); False: build afresh
     # quantization (passes/quantize_weights.py); None: fp32
     quant: str | None = None  # "int8" | "int4" | "gptq" | "awq"
@@ -52,6 +55,7 @@ class BuildConfig:
             **({"draft_layers": self.draft_layers} if self.draft_layers else {}),
             **({"quant": self.quant} if self.quant else {}),
             **({"precision": self.precision} if self.precision else {}),
+            **({"compat": self.compat} if self.compat else {}),
             **({"eval": str(self.eval_file)} if self.eval_file else {}),
         }
 

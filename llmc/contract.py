@@ -128,6 +128,9 @@ class IOContract:
     logits_index: bool = False  # the graph takes a `logits_index` input
     extra_inputs: tuple[str, ...] = ()  # inputs a target adds (OpenVINO's beam_idx)
     unused: tuple[str, ...] = ()  # inputs the emitted graph dropped (nothing read them)
+    # shared mode fed an `attention_mask` [B, T] instead of `seqlens_k`, which the graph computes
+    # (onnxruntime-genai's convention: llmc build --compat onnxruntime-genai)
+    mask_input: bool = False
 
     @property
     def past_inputs(self) -> list[str]:
@@ -143,10 +146,15 @@ class IOContract:
         return isinstance(self.cache, StateGeometry)
 
     @property
+    def seq_info(self) -> str:
+        """The input that tells a step where each row is."""
+        return "attention_mask" if self.mask_input else self.kv_mode.seq_info
+
+    @property
     def inputs(self) -> list[str]:
         index = ["logits_index"] if self.logits_index else []
         positions = [] if self.recurrent else ["position_ids"]
-        head = ["input_ids", *positions, self.kv_mode.seq_info, *index]
+        head = ["input_ids", *positions, self.seq_info, *index]
         names = [*head, *self.extra_inputs, *self.past_inputs]
         return [n for n in names if n not in self.unused]
 
@@ -169,6 +177,15 @@ class IOContract:
         """The emitted graph does not take `names` (its exporter dropped inputs nothing read)."""
         dropped = sorted(set(names) & set(self.inputs))
         return dataclasses.replace(self, unused=(*self.unused, *dropped))
+
+    def last_position_only(self) -> IOContract:
+        """The graph selects the last position itself (no `logits_index` input): what a runtime
+        that feeds only its own inputs needs (llmc build --compat)."""
+        return dataclasses.replace(self, logits_index=False, logits=Logits.LAST)
+
+    def with_mask_input(self) -> IOContract:
+        """A shared-mode graph that takes `attention_mask` and computes `seqlens_k` inside."""
+        return dataclasses.replace(self, mask_input=True)
 
     def stateful(self, extra_inputs: tuple[str, ...] = ("beam_idx",)) -> IOContract:
         """The cache moved into the compiled model; `extra_inputs` are the target's own."""
@@ -225,12 +242,14 @@ class IOContract:
                 io.get("kv_dtype", "float32"),
             )
             inputs = io.get("inputs", [])
+            mode = KVMode(io.get("kv_mode", "concat"))
             contract = cls(
                 cache,
-                KVMode(io.get("kv_mode", "concat")),
+                mode,
                 Logits(io.get("logits", "all")),
                 logits_index="logits_index" in inputs,
                 extra_inputs=tuple(n for n in inputs if n == "beam_idx"),
+                mask_input=mode is KVMode.SHARED and "attention_mask" in inputs,
             )
             if inputs:
                 contract = contract.without_inputs(set(contract.inputs) - set(inputs))

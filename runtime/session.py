@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from llmc.contract import IOContract
+from llmc.contract import IOContract, Logits
 from llmc.errors import ContextLengthError, SessionError
 
 
@@ -144,6 +144,8 @@ class Sequence(ABC):
         drafted tokens), long S as a prefill."""
         ids = self._check_live(ids, "extend")
         check_context(int(self._lengths().max()) + ids.shape[1], self.max_context)
+        if not last_only:
+            self._check_every_position("extend() by several tokens (speculative decoding)")
         return self._extend(ids, None, last_only=last_only)
 
     def truncate(self, lengths) -> None:
@@ -210,6 +212,7 @@ class Sequence(ABC):
             shape = "" if row is None else f"; got {row.shape}"
             raise SessionError(f"score() takes one sequence of token ids [S]{shape}.")
         row = self._check_ids(row[None])
+        self._check_every_position("score() (perplexity)")
         self.reset()
         logits = self._extend(row, None, last_only=False)[0]
         self._rows = 1
@@ -254,6 +257,15 @@ class Sequence(ABC):
                 f"{ids.shape}."
             )
         return ids
+
+    def _check_every_position(self, what: str) -> None:
+        """SessionError if the artifact computes logits for the last position only."""
+        if self.model.io.logits is Logits.LAST:
+            raise SessionError(
+                f"{self.model.directory} computes logits for the last position only (a --compat "
+                f"build, or one from before logits_index), so it cannot run {what}; build it "
+                "without --compat for that."
+            )
 
     def _check_ids(self, ids) -> np.ndarray:
         try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmc.contract import Logits
 from llmc.errors import LlmcError
 from llmc.runtime.sampling import Sampler
 
@@ -232,10 +233,10 @@ def drafter_for(draft, target, num_draft: int | None):
         raise LlmcError(
             f"num_draft must be from 1 to {MAX_DRAFT} (longer steps leave the decode kernels)."
         )
-    if getattr(target.model, "last_only", False):
+    if target.model.io.logits is Logits.LAST:
         raise LlmcError(
-            f"{target.model.directory} returns logits for the last position only (an older "
-            "build); rebuild it for speculative decoding."
+            f"{target.model.directory} computes logits for the last position only (a --compat "
+            "build, or an older one); build it without --compat for speculative decoding."
         )
     return drafter, num_draft or default
 

@@ -12,7 +12,7 @@ from llmc.errors import TargetError
 
 # BuildConfig fields (and `llmc build` flags) that only some targets take: a target takes those its
 # `Options` dataclass (in its package's __init__) has a field for.
-TARGET_FLAGS = ("precision", "autotune")
+TARGET_FLAGS = ("precision", "autotune", "compat")
 
 
 @dataclass(frozen=True)

@@ -429,3 +429,21 @@ def test_default_calibration_text_ships_with_llmc(tiny_model):
     assert calib.file == "calibration.txt" and DEFAULT_TEXT.is_file()
     assert calib.samples >= 8 and all(len(row) == 128 for row in calib.rows)
     assert set(calib.record()) == {"file", "sha256", "samples", "seqlen"}
+
+
+def test_a_quantized_onnx_artifact_whose_data_file_has_two_hard_links_runs(tiny_artifact, tmp_path):
+    """An artifact built with the stage cache shares its files with the cache by hard links;
+    the runtime reads the lm_head's weights for its rescorer itself (onnx's loader refuses a
+    data file with more than one link)."""
+    import os
+    import shutil
+
+    import llmc.runtime as rt
+
+    out = tmp_path / "art"
+    shutil.copytree(tiny_artifact("llama", quant="int8"), out)
+    os.link(out / "model.onnx.data", tmp_path / "cache-copy.data")
+    gen = rt.load(out)
+    assert gen.model.rescore is not None
+    steps = gen.generate_ids([gen.encode("hello")], rt.GenerationConfig(4, ignore_eos=True))
+    assert len(list(steps)) == 4

@@ -92,6 +92,13 @@ def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
         model = onnx.load(str(path), load_external_data=False)
     elif _drop_unused_optional_outputs(model):
         onnx.save(model, str(path))  # the graph only: initializers still point to model.onnx.data
+    unused = set(graph.input_names) - {i.name for i in model.graph.input}  # dropped by the exporter
+    io = graph.io.without_inputs(unused)
+    if options is not None and options.compat:
+        from llmc.targets.onnx.compat import onnxruntime_genai_form
+
+        io = onnxruntime_genai_form(model, io)
+        onnx.save(model, str(path))  # the graph only, as above
     onnx.checker.check_model(str(path), full_check=False)
     histogram = Counter(
         f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
@@ -104,6 +111,4 @@ def emit(graph: Graph, out_dir: Path, options=None) -> EmitResult:
         "onnxscript": onnxscript.__version__,
         "opset": str(max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))),
     }
-    unused = set(graph.input_names) - {i.name for i in model.graph.input}  # dropped by the exporter
-    io = graph.io.without_inputs(unused)
     return EmitResult(files, dict(sorted(histogram.items())), toolchain, io=io)

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from llmc import quant_layout
+from llmc.artifact_checks import artifact_file
+from llmc.errors import ArtifactError
 
 TOP = 16  # candidates rescored per row: the exact best logit ranked at most 3rd among the fast
 # ones over 400 SmolLM2 decode steps
@@ -59,7 +61,7 @@ class LmHeadRescorer:
         """Expose the input of `model`'s lm_head (the MatMulNBits with N == vocab) as an extra
         graph output and return a rescorer for its weights; None if it has no such node."""
         from onnx import TensorProto, helper, numpy_helper
-        from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+        from onnx.external_data_helper import uses_external_data
 
         attrs = None
         for node in model.graph.node:
@@ -77,8 +79,7 @@ class LmHeadRescorer:
                 return None
             tensor = inits[head.input[i]]
             if uses_external_data(tensor):
-                tensor = type(tensor).FromString(tensor.SerializeToString())
-                load_external_data_for_tensor(tensor, str(directory))
+                return _external_array(tensor, Path(directory))
             return numpy_helper.to_array(tensor)
 
         bits, block, k = attrs["bits"], attrs["block_size"], attrs["K"]
@@ -118,3 +119,19 @@ def rescore_positions(rescore: LmHeadRescorer, logits: np.ndarray, hidden: np.nd
     hidden = hidden[:, hidden.shape[1] - logits.shape[1] :]
     for row_logits, row_hidden in zip(logits, hidden, strict=True):
         rescore(row_logits, row_hidden)
+
+
+def _external_array(tensor, directory: Path) -> np.ndarray:
+    """An initializer's bytes read straight from its external data file. onnx's own loader
+    refuses a file with more than one hard link, and an artifact built with the stage cache
+    shares its files with the cache by hard links (llmc/cache.py)."""
+    from onnx import helper
+
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    path = artifact_file(directory, info["location"], "its external data")
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    data = np.fromfile(path, dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+    if data.size != count:
+        raise ArtifactError(f"{path} is shorter than its model says; rebuild the artifact.")
+    return data.reshape(tuple(tensor.dims))

@@ -167,7 +167,7 @@ class Model(BaseModel):
         self.inputs = {i.name for i in self.decode_session.get_inputs()}
         outputs = {o.name: o.shape for o in self.decode_session.get_outputs()}
         self.check_io(self.inputs, outputs, "its ONNX model")
-        self.last_only = self.io.logits is Logits.LAST  # artifacts from before logits_index
+        self.last_only = self.io.logits is Logits.LAST  # --compat builds, and older ones
 
     def sequence(self) -> Sequence:
         if self.io.kv_mode is KVMode.RECURRENT:
@@ -201,8 +201,9 @@ class Model(BaseModel):
     def check_positions(self, last_only: bool) -> None:
         if self.last_only and not last_only:
             raise SessionError(
-                f"{self.directory} returns logits for the last position only (an older "
-                "build); rebuild it to score or extend by several tokens."
+                f"{self.directory} computes logits for the last position only (a --compat "
+                "build, or an older one); build it without --compat to score or extend by "
+                "several tokens."
             )
 
 

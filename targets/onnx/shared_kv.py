@@ -128,6 +128,7 @@ class SharedKVSequence(Sequence):
         index = np.unique(last)
         rows_at = slice(first, first + n)
         bound = self._binding(sess, ids, positions, last.astype(np.int32), index, rows_at, rescore)
+        self._bind_mask(bound)
         self.model.run(sess, bound.binding)
         picked = np.searchsorted(index, last)
         out = bound.logits[np.arange(n), picked][:, None].copy()  # [n, 1, V]
@@ -145,6 +146,7 @@ class SharedKVSequence(Sequence):
         bound.ids[:] = ids
         bound.positions[:, 0] = self._held
         bound.seqlens[:] = self._held  # the row's length after this step, minus one
+        self._bind_mask(bound)
         m.run(m.decode_session, bound.binding)
         self._held += 1
         out = bound.logits[:, -1].copy()
@@ -198,6 +200,14 @@ class SharedKVSequence(Sequence):
         if name in self.model.inputs:
             binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
 
+    def _bind_mask(self, bound: _Bound) -> None:
+        """A graph in onnxruntime-genai's form (--compat) takes `attention_mask` [B, T] and
+        computes seqlens_k from it: row b's first seqlens_k[b] + 1 columns are ones."""
+        if self.model.io.mask_input:
+            width = int(bound.seqlens.max()) + 1
+            bound.mask = (np.arange(width) <= bound.seqlens[:, None]).astype(np.int64)
+            self._bind_input(bound.binding, "attention_mask", bound.mask)
+
     def _run(self, ids, start: int, row: int, last_only: bool, sess, rescore) -> np.ndarray:
         """One step of `ids` [1, S] of row `row` after `start` cached tokens -> logits
         [1, 1 or S, V]."""
@@ -215,6 +225,7 @@ class SharedKVSequence(Sequence):
         bound.ids[:] = ids
         bound.positions[0] = start + np.arange(s)
         bound.seqlens[0] = start + s - 1
+        self._bind_mask(bound)
         self.model.run(sess, bound.binding)
         if rescore:
             rescore_positions(rescore, bound.logits, bound.hidden)
@@ -272,3 +283,4 @@ class _Bound:
     index: np.ndarray  # [P] int64, logits_index
     logits: np.ndarray  # [B, S or 1, V]
     hidden: np.ndarray | None  # [B, 1, k]: the lm_head's input, for the rescorer
+    mask: np.ndarray | None = None  # [B, T] int64, for a graph that takes attention_mask

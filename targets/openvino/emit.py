@@ -102,11 +102,19 @@ def _cancel_head_round_trips(module) -> int:
 
 
 def make_stateful(model, past: list[str], present: list[str], kv_heads: int, head_dim: int) -> None:
-    """Route each past KV input through Gather(beam_idx) and turn past/present pairs into state."""
+    """Route each past KV input through Gather(beam_idx) and turn past/present pairs into state.
+    The state's heads and head size are static: OpenVINO GenAI's paged-attention conversion
+    reads them off it (with them dynamic it sized SmolLM2's cache blocks for one head and
+    failed on the first prompt)."""
     import openvino as ov
     import openvino.opset13 as opset
     from openvino._offline_transformations import apply_make_stateful_transformation
 
+    for name in past:
+        model.input(name).get_node().set_partial_shape(
+            ov.PartialShape([-1, kv_heads, -1, head_dim])
+        )
+    model.validate_nodes_and_infer_types()
     beam = opset.parameter([-1], ov.Type.i32, name="beam_idx")
     beam.output(0).get_tensor().set_names({"beam_idx"})
     for name in past:
@@ -152,6 +160,39 @@ def runtime_ops(compiled) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _emitted_io(graph: Graph, saved, options):
+    if graph.io.recurrent:
+        return graph.io
+    io = _stateful_io(graph, saved)
+    return io.last_position_only() if options.compat else io
+
+
+def _vendor_form(model, graph: Graph) -> None:
+    """OpenVINO GenAI's form (llmc build --compat openvino-genai): it feeds input_ids,
+    attention_mask, position_ids and beam_idx only, so the logits' position is chosen inside
+    (the last one: all it reads); and the model says how it must be compiled to compute what
+    was verified (the plugin would otherwise pick bf16 and an 8-bit cache by CPU), in the
+    `runtime_options` every OpenVINO runtime applies when it compiles a model."""
+    import openvino as ov
+    import openvino.opset13 as opset
+
+    from llmc.targets.openvino.session import vendor_properties
+
+    if "logits_index" in graph.input_names:
+        index = model.input("logits_index")
+        shape = opset.shape_of(model.input("input_ids"), "i64")
+        length = opset.gather(
+            shape, opset.constant([1], ov.Type.i64), opset.constant(0, ov.Type.i64)
+        )
+        last = opset.subtract(length, opset.constant([1], ov.Type.i64))
+        for user in list(index.get_target_inputs()):
+            user.replace_source_output(last.output(0))
+        model.remove_parameter(index.get_node())
+    for key, value in vendor_properties().items():
+        model.set_rt_info(value, ["runtime_options", key])
+    model.validate_nodes_and_infer_types()
+
+
 def _stateful_io(graph: Graph, saved):
     """The traced contract with the cache moved into the model and `beam_idx` added, less any
     input the converter dropped because nothing read it (as the ONNX emitter records them)."""
@@ -195,6 +236,8 @@ def emit(graph: Graph, out_dir: Path, options) -> EmitResult:
         make_stateful(
             model, io.past_inputs, io.present_outputs, io.cache.kv_heads, io.cache.head_dim
         )
+    if options.compat:
+        _vendor_form(model, graph)
     _stable_names(model)
     path = Path(out_dir) / MODEL_FILE
     ov.save_model(model, str(path), compress_to_fp16=False)
@@ -208,7 +251,7 @@ def emit(graph: Graph, out_dir: Path, options) -> EmitResult:
         op_histogram=dict(sorted(histogram.items())),
         toolchain={"openvino": ov.__version__.split("-")[0]},
         flavor="openvino-cpu",
-        io=graph.io if io.recurrent else _stateful_io(graph, saved),
+        io=_emitted_io(graph, saved, options),
         target={
             "precision": options.precision,  # verification still runs at f32
             "fused_ops": fused,

@@ -93,6 +93,17 @@ def compile_properties(precision: str, threads: int | None, dynamic_quantization
     return props
 
 
+def vendor_properties() -> dict:
+    """What a --compat openvino-genai model asks every OpenVINO runtime to compile it with (its
+    rt_info's runtime_options, which the CPU plugin applies unless the caller sets them): an f32
+    KV cache and f32 activations into matmuls with compressed weights, the numbers llmc
+    verifies (the plugin's defaults are an 8-bit cache and int8 activations on CPUs with VNNI or
+    AMX). The plugin takes no inference precision from there: on a CPU with AVX512-BF16 or AMX
+    a caller passes INFERENCE_PRECISION_HINT=f32 for the verified numbers."""
+    keys = ("KV_CACHE", "KEY_CACHE", "VALUE_CACHE", "DYNAMIC_QUANTIZATION_GROUP_SIZE")
+    return {k: v for k, v in EXACT.items() if k.startswith(keys)}
+
+
 def unpinned(compiled, wanted: dict) -> list[str]:
     """The numeric properties of `wanted` (EXACT's keys) that `compiled` does not report as set:
     a plugin that ignored a pin must not pass for exact."""
