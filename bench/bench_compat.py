@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from bench_decode import (
@@ -33,10 +32,11 @@ from bench_decode import (
     _paired,
     _prompts,
     _same_prefix,
+    ov_timed,
     run_llmc,
     run_ort_genai,
 )
-from reference_envs import ov_env, ov_model, ov_stamps, reference_env, reference_model
+from reference_envs import ov_env, ov_model, reference_env, reference_model
 
 COMPAT = {"onnx": "onnxruntime-genai", "openvino": "openvino-genai"}
 CONFIGS = {  # OpenVINO GenAI's compile properties beyond threads and latency
@@ -51,26 +51,12 @@ def artifact_path(target: str, precision: str) -> Path:
 
 
 def run_ov_vendor(model_dir: str, artifact: str, threads: int, runs: int, config: str) -> dict:
-    import numpy as np
-    import openvino as ov
     import openvino_genai as ov_genai
 
     props = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
     pipe = ov_genai.LLMPipeline(model_dir, "CPU", **props, **CONFIGS[config])
     ids, long_ids = _prompts(artifact)
-
-    def timed(prompt_ids, n):
-        generation = ov_genai.GenerationConfig()
-        generation.max_new_tokens = generation.min_new_tokens = n
-        generation.ignore_eos, generation.do_sample = True, False
-        tensor = ov.Tensor(np.array([prompt_ids], np.int64))
-        mask = ov.Tensor(np.ones((1, len(prompt_ids)), np.int64))
-        stamps = ov_stamps(ov_genai)
-        start = time.perf_counter()
-        pipe.generate(ov_genai.TokenizedInputs(tensor, mask), generation, stamps)
-        return start, stamps.times, stamps.tokens
-
-    return {**_measure(timed, ids, long_ids, runs), "version": ov_genai.__version__}
+    return {**_measure(ov_timed(pipe), ids, long_ids, runs), "version": ov_genai.__version__}
 
 
 def pytorch_tokens(precision: str, prompt: list[int], group: int = 32) -> list[int]:

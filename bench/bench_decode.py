@@ -167,7 +167,6 @@ def run_ov_genai(model_dir: str, artifact: str, threads: int, runs: int, hint: s
     """openvino_genai.LLMPipeline, stateful SDPA backend, prefix caching off, at the compute
     precision `hint` (f32: f32 inference and KV cache, llmc's default; bf16: OpenVINO's own
     default here), with the plugin's dynamic quantization unless `exact` turns it off."""
-    import numpy as np
     import openvino as ov
     import openvino_genai as ov_genai
 
@@ -180,10 +179,18 @@ def run_ov_genai(model_dir: str, artifact: str, threads: int, runs: int, hint: s
     kernels = f"plugin default: dynamic quantization, groups of {group}" if group else "exact"
     pipe = ov_genai.LLMPipeline(model_dir, "CPU", **props)
     ids, long_ids = _prompts(artifact)
+    result = _measure(ov_timed(pipe), ids, long_ids, runs)
+    return {**result, "version": ov_genai.__version__, "kernels": kernels}
+
+
+def ov_timed(pipe):
+    """`timed(prompt_ids, n)` (as `_measure` takes it) for an OpenVINO GenAI LLMPipeline:
+    exactly n greedy tokens, each one's arrival time."""
+    import numpy as np
+    import openvino as ov
+    import openvino_genai as ov_genai
 
     def timed(prompt_ids, n):
-        import openvino as ov
-
         config = ov_genai.GenerationConfig()
         config.max_new_tokens = config.min_new_tokens = n
         config.ignore_eos, config.do_sample = True, False
@@ -194,8 +201,7 @@ def run_ov_genai(model_dir: str, artifact: str, threads: int, runs: int, hint: s
         pipe.generate(ov_genai.TokenizedInputs(tensor, mask), config, stamps)
         return start, stamps.times, stamps.tokens
 
-    result = _measure(timed, ids, long_ids, runs)
-    return {**result, "version": ov_genai.__version__, "kernels": kernels}
+    return timed
 
 
 def _child(
