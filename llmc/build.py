@@ -285,11 +285,10 @@ def _check_recurrent(config: BuildConfig, spec) -> int | None:
             f"{spec.architecture} (a recurrent state, no attention) builds for --target {able}, "
             f"not {config.target}."
         )
-    if config.quant or config.draft_layers or config.compat:
-        flag = next(
-            f for f, on in (("--quant", config.quant), ("--draft-layers", config.draft_layers),
-                            ("--compat", config.compat)) if on
-        )  # fmt: skip
+    flags = {"--quant": config.quant, "--draft-layers": config.draft_layers,
+             "--compat": config.compat}  # fmt: skip
+    flag = next((f for f, on in flags.items() if on), None)
+    if flag:
         raise UnsupportedModelError(
             f"{flag} is not supported for {spec.architecture} (a state-space model) yet; build "
             "it without."
@@ -302,32 +301,18 @@ def _check_runtimes(config, loaded, directory: Path, manifest: dict, graph, prog
     installed, the --compat vendor's greedy tokens against PyTorch's (exit 3 where it cannot run
     the artifact or, unquantized, computes other tokens; a quantized artifact's are recorded, as
     llmc's fast kernels are). OpenVINO runs at f32 here, as verification does."""
-    from llmc.compat import GREEDY_TOKENS, VendorRuntimeError, check_artifact
-    from llmc.compiler.verify import PROMPTS, greedy, verify_prompts
+    from llmc.compat import VendorRuntimeError, check_artifact, problems, summary
 
     runtimes = {"llmc": {"checked": config.verify}}
     if not config.verify:
         return {**runtimes, config.compat: {"checked": False, "reason": "--no-verify"}}
     quantized = graph.quantization is not None
-    prompts = verify_prompts(loaded.tokenizer, graph.spec.max_context, GREEDY_TOKENS)
     with progress.stage(f"run {config.compat} on the artifact"):
-        expected = greedy(loaded.model, graph if quantized else None, prompts, GREEDY_TOKENS)
         found = check_artifact(
-            config.compat, directory, manifest, expected, prompts, list(PROMPTS), loaded.tokenizer
+            config.compat, directory, manifest, loaded, graph if quantized else None
         )
-    if not found["checked"]:
-        progress.note(f"{config.compat} not checked: {found['reason']}")
-        return {**runtimes, config.compat: found}
-    agree = (
-        "are identical to PyTorch's"
-        if found["identical"]
-        else f"differ from PyTorch's (first difference per prompt: {found['first_difference']})"
-    )
-    tokens = f"{found['greedy_tokens']} greedy tokens"
-    progress.note(f"{config.compat} {found['version']}: {tokens} {agree}")
-    wrong = [] if found["tokenizer_identical"] else ["its tokenizer encodes differently"]
-    if not found["identical"] and not quantized:
-        wrong.append(f"its greedy tokens differ at {found['first_difference']}")
+    progress.note(summary(config.compat, found))
+    wrong = problems(found, quantized) if found["checked"] else []
     if wrong:
         raise VendorRuntimeError(
             f"{config.compat} runs the artifact, but {' and '.join(wrong)} from PyTorch's; "

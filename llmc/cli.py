@@ -123,22 +123,12 @@ def verify(artifact, tolerance):
         raise VerificationError(f"{artifact} does not match PyTorch ({result.summary()}).")
     if vendor is None:
         return
-    name = vendor["runtime"]
-    if not vendor["checked"]:
-        click.echo(f"{name}: not checked ({vendor['reason']})")
-        return
-    same = vendor["identical"] and vendor["tokenizer_identical"]
-    click.echo(
-        f"{name} {vendor['version']}: {vendor['greedy_tokens']} greedy tokens "
-        + (
-            "identical to PyTorch's"
-            if vendor["identical"]
-            else f"differ from PyTorch's at {vendor['first_difference']}"
-        )
-        + ("" if vendor["tokenizer_identical"] else "; its tokenizer encodes differently")
-    )
-    if not same:
-        raise VerificationError(f"{name} does not run {artifact} as PyTorch does.")
+    from llmc.compat import problems, summary
+
+    compat = vendor["runtime"]
+    click.echo(summary(compat, vendor))
+    if vendor["checked"] and problems(vendor, quantized=False):  # llmc verify: fp32 only
+        raise VerificationError(f"{compat} does not run {artifact} as PyTorch does.")
 
 
 @cli.command()

@@ -251,18 +251,22 @@ def compare(expected: list[int], got: list[int], eos: set[int]) -> int | None:
     return same
 
 
-def check_artifact(compat: str, directory: Path, manifest: dict, expected: list[list[int]],
-                   prompts: list[list[int]], texts: list[str], hf_tokenizer) -> dict:  # fmt: skip
-    """Run the vendor's runtime on the artifact: its greedy tokens after `prompts` against
-    PyTorch's (`expected`), its tokenizer on `texts` against transformers'. The manifest's
-    record of it; {"checked": False, "reason": ...} where the runtime is not installed."""
+def check_artifact(compat: str, directory: Path, manifest: dict, loaded, graph=None) -> dict:
+    """Run the vendor's runtime on the artifact: its greedy tokens after the verification prompts
+    against PyTorch's (the model eager, or `graph`: a quantized build's, as verification
+    compares), its tokenizer on their texts against transformers'. The manifest's record of it;
+    {"checked": False, "reason": ...} where the runtime is not installed."""
+    from llmc.compiler.verify import PROMPTS, greedy, verify_prompts
+
     vendor = VENDORS[compat]
     installed = version(vendor)
     if installed is None:
         return {"checked": False, "reason": f"{vendor.module} is not installed ({INSTALL})"}
-    steps = max(len(e) for e in expected)
+    tokenizer, texts = loaded.tokenizer, list(PROMPTS)
+    prompts = verify_prompts(tokenizer, int(manifest["io"]["max_context"]), GREEDY_TOKENS)
+    expected = greedy(loaded.model, graph, prompts, GREEDY_TOKENS)
     try:
-        got = vendor_greedy(compat, directory, prompts, texts, steps)
+        got = vendor_greedy(compat, directory, prompts, texts, GREEDY_TOKENS)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         raise VendorRuntimeError(
             f"{compat} {installed} cannot run the artifact ({exc}); nothing was written. "
@@ -277,8 +281,30 @@ def check_artifact(compat: str, directory: Path, manifest: dict, expected: list[
         "greedy_tokens": sum(map(len, expected)),
         "first_difference": differ,
         "identical": all(d is None for d in differ),
-        "tokenizer_identical": got["encoded"] == [hf_tokenizer.encode(t) for t in texts],
+        "tokenizer_identical": got["encoded"] == [tokenizer.encode(t) for t in texts],
     }
+
+
+def summary(compat: str, record: dict) -> str:
+    """One line on a check_artifact record (build notes, llmc verify, llmc inspect)."""
+    if not record["checked"]:
+        return f"{compat}: not checked ({record['reason']})"
+    tokens = f"{compat} {record['version']}: {record['greedy_tokens']} greedy tokens"
+    if record["identical"]:
+        line = f"{tokens} identical to PyTorch's"
+    else:
+        line = f"{tokens} differ from PyTorch's (first difference per prompt: "
+        line += f"{record['first_difference']})"
+    return line + ("" if record["tokenizer_identical"] else "; its tokenizer encodes differently")
+
+
+def problems(record: dict, quantized: bool) -> list[str]:
+    """What makes a checked record a failure: another tokenization, or other greedy tokens
+    where the artifact is not quantized (a quantized one's fast kernels may differ)."""
+    found = [] if record["tokenizer_identical"] else ["its tokenizer encodes differently"]
+    if not record["identical"] and not quantized:
+        found.append(f"its greedy tokens differ at {record['first_difference']}")
+    return found
 
 
 def main() -> None:

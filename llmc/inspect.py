@@ -23,19 +23,6 @@ def state_summary(state, model: dict) -> str:
     )
 
 
-def vendor_summary(record: dict) -> str:
-    """One line on a --compat artifact's check in its vendor's runtime."""
-    if not record.get("checked"):
-        return f"[yellow]not checked[/yellow] ({record.get('reason')})"
-    tokens = record["greedy_tokens"]
-    same = (
-        f"{tokens} greedy tokens identical to PyTorch's"
-        if record["identical"]
-        else f"greedy tokens differ from PyTorch's at {record['first_difference']} of {tokens}"
-    )
-    return f"{record['version']} loads it; {same}"
-
-
 def render(manifest: dict, directory: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -97,7 +84,9 @@ def render(manifest: dict, directory: Path) -> None:
         )
     for name, record in (manifest.get("runtimes") or {}).items():
         if name != "llmc":
-            console.print(f"runtime  {name}: {vendor_summary(record)}")
+            from llmc.compat import summary
+
+            console.print(f"runtime  {summary(name, record)}", markup=False)
 
     quant = manifest.get("quantization")
     if quant:

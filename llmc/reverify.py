@@ -9,7 +9,7 @@ from llmc.errors import ArtifactError
 
 def reverify(directory: Path, tolerance: float | None = None):
     """(llmc's verification, the vendor runtime's record or None): a --compat artifact is also
-    run by its vendor's runtime where that is installed, greedy tokens against PyTorch's."""
+    run by its vendor's runtime where that is installed (llmc.compat.check_artifact)."""
     from llmc.artifact import read_manifest
     from llmc.compiler import sources
     from llmc.compiler.verify import default_tolerance, verify_artifact
@@ -38,12 +38,6 @@ def reverify(directory: Path, tolerance: float | None = None):
     compat = manifest["target"].get("compat")
     if not compat:
         return found.exact, None
-    from llmc.compat import GREEDY_TOKENS, check_artifact
-    from llmc.compiler.verify import PROMPTS, greedy, verify_prompts
+    from llmc.compat import check_artifact
 
-    prompts = verify_prompts(loaded.tokenizer, int(manifest["io"]["max_context"]), GREEDY_TOKENS)
-    expected = greedy(loaded.model, None, prompts, GREEDY_TOKENS)
-    vendor = check_artifact(
-        compat, directory, manifest, expected, prompts, list(PROMPTS), loaded.tokenizer
-    )
-    return found.exact, {"runtime": compat, **vendor}
+    return found.exact, {"runtime": compat, **check_artifact(compat, directory, manifest, loaded)}

@@ -17,7 +17,7 @@ import numpy as np
 
 from llmc.artifact_checks import artifact_file, reason
 from llmc.contract import KVMode, Logits
-from llmc.errors import ArtifactError, SessionError
+from llmc.errors import ArtifactError
 from llmc.runtime.padded import ConcatRows
 from llmc.runtime.session import Model as BaseModel
 from llmc.runtime.session import Sequence, SessionOptions
@@ -198,14 +198,6 @@ class Model(BaseModel):
                 return run(*args)
         return run(*args)
 
-    def check_positions(self, last_only: bool) -> None:
-        if self.last_only and not last_only:
-            raise SessionError(
-                f"{self.directory} computes logits for the last position only (a --compat "
-                "build, or an older one); build it without --compat to score or extend by "
-                "several tokens."
-            )
-
 
 class ConcatKVSequence(ConcatRows, Sequence):
     """Concat-mode KV cache: the runtime keeps past tensors and feeds them back each step."""
@@ -216,7 +208,6 @@ class ConcatKVSequence(ConcatRows, Sequence):
 
     def _extend(self, ids: np.ndarray, mask: np.ndarray | None, last_only: bool) -> np.ndarray:
         m = self.model
-        m.check_positions(last_only)
         live = self._past is not None
         feeds = step_feeds(self._positions, ids, mask, all_positions=not last_only)
         if not live:

@@ -87,7 +87,6 @@ class SharedKVSequence(Sequence):
         """Run each row b of `rows` after its `starts[b]` cached tokens in slot first + b ->
         logits [n, 1 if last_only else width, V]. `join`: rows joining a running batch."""
         m = self.model
-        m.check_positions(last_only)
         ends = starts + np.array([len(r) for r in rows], np.int64)
         check_context(int(ends.max()), m.max_context)
         self._reserve(first + len(rows), int(ends.max()) + 1)

@@ -96,9 +96,6 @@ class Model(BaseModel):  # pragma: no cover - needs TensorRT and a GPU, absent h
         decode = live and tokens <= engine_files.DECODE_STEP and len(self.contexts) > 1
         return self.contexts[1 if decode else 0], None
 
-    def check_positions(self, last_only: bool) -> None:
-        pass
-
     def run(self, context, names, feeds):
         """onnxruntime's `run(names, feeds)` on the engine: numpy in, numpy out."""
         torch = self._torch
