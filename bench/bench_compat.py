@@ -23,19 +23,8 @@ import json
 import sys
 from pathlib import Path
 
-from bench_decode import (
-    NEW_TOKENS,
-    PROMPT,
-    ROOT,
-    _measure,
-    _merge,
-    _paired,
-    _prompts,
-    _same_prefix,
-    ov_timed,
-    run_llmc,
-    run_ort_genai,
-)
+from bench_decode import _merge, _paired, _same_prefix
+from engines import NEW_TOKENS, PROMPT, ROOT, _measure, _prompts, ov_timed, run_llmc, run_ort_genai
 from reference_envs import ov_env, ov_model, reference_env, reference_model
 
 COMPAT = {"onnx": "onnxruntime-genai", "openvino": "openvino-genai"}

@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_decode import NEW_TOKENS, PROMPT, ROOT, _peak_rss_mb, _same_prefix
+from bench_decode import _same_prefix
+from engines import NEW_TOKENS, PROMPT, ROOT, _peak_rss_mb
 from reference_envs import ov_env, ov_model, ov_stamps, reference_env, reference_model
 
 SOURCE = '''\
