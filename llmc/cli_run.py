@@ -56,7 +56,7 @@ EXACT = click.option(
 @click.option(
     "--num-draft",
     type=click.IntRange(1, 15),
-    help="Most tokens drafted per step (adapted to the acceptance rate) [default: 10 for "
+    help="Most tokens drafted per step (adapted to the acceptance rate) [default: 15 for "
     "prompt-lookup, 4 for a draft artifact].",
 )
 @click.option("--stats", is_flag=True, help="Print token counts and draft acceptance to stderr.")

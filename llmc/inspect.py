@@ -81,6 +81,7 @@ def render(manifest: dict, directory: Path) -> None:
             f"verified {mark}: max |Δlogits| {ver['max_abs_diff']:.2e} (batched "
             f"{ver['batched_max_abs_diff']:.2e}, tolerance {ver['tolerance']:.0e}), greedy "
             f"{ver['greedy_agreement']}/{ver['steps_compared']} vs {ver['reference']}"
+            + (f" ({' and '.join(ver['forms'])})" if len(ver.get("forms", [])) > 1 else "")
         )
     for name, record in (manifest.get("runtimes") or {}).items():
         if name != "llmc":

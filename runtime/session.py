@@ -45,6 +45,7 @@ class Model(ABC):
         do)."""
 
     Options: ClassVar[type[SessionOptions]] = SessionOptions
+    form: str = "default"  # which form of the artifact this model runs (verification records it)
     fast_kernels: str | None = None
     fast_prompts: bool = False
     spins: ClassVar[bool] = False  # whether options.spin changes anything
@@ -88,6 +89,11 @@ class Model(ABC):
                 f"the manifest of {self.directory} does not describe {what} ({why}); rebuild "
                 "the artifact."
             )
+
+    def other_forms(self) -> dict[str, dict]:
+        """Other forms the same artifact runs in (name -> the options that load it so), which a
+        build verifies too: where this model runs a rewrite of the file other runtimes load."""
+        return {}
 
     def prepare_batching(self) -> None:  # noqa: B027 (optional: most targets need nothing)
         """Get ready for a batch whose rows come and go (compile what its steps need now, not

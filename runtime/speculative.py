@@ -24,7 +24,7 @@ from llmc.contract import Logits
 from llmc.errors import LlmcError
 from llmc.runtime.sampling import Sampler
 
-NUM_DRAFT = {"prompt-lookup": 10, "model": 4}  # default most tokens drafted per step
+NUM_DRAFT = {"prompt-lookup": 15, "model": 4}  # default most tokens drafted per step
 # Prior cost of a verification step per drafted token, as a fraction of a decode step (the
 # StepClock measures the real one): the weights are read once per step whatever its length, so
 # on a memory-bound CPU each extra position adds little.

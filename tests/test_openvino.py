@@ -45,7 +45,7 @@ def test_tiny_architecture_is_stateful_and_fused(arch, ov_artifact, tiny_model):
     assert fused.get("RoPE", 0) == GOLDEN[arch]["fuse_rotary"]
     rms_modules = sum(type(mod).__name__.endswith("RMSNorm") for mod in model.modules())
     assert fused.get("RMS", 0) >= rms_modules == GOLDEN[arch]["fuse_rms_norm"]
-    gen = rt.load(path)
+    gen = rt.load(path, paged=False)
     if arch == "llama":  # v into [B, H, S, D] and the output back, per layer: no q/k round trip
         from llmc.targets.openvino.emit import runtime_ops
 
@@ -53,6 +53,18 @@ def test_tiny_architecture_is_stateful_and_fused(arch, ov_artifact, tiny_model):
     names = {p.get_any_name() for p in gen.model.compiled.inputs}
     assert names == {"input_ids", "position_ids", "attention_mask", "logits_index", "beam_idx"}
     assert [p.get_any_name() for p in gen.model.compiled.outputs] == ["logits"]
+    # by default the runtime rewrites it to paged attention, one layer each, where no sliding
+    # window is recorded (the rewrite does not carry llmc's window masks)
+    paged = rt.load(path).model
+    assert (paged.paged is None) == bool(m["target"]["sliding_window"])
+    # the build verified the file as every runtime runs it: rewritten by llmc's, and as it is
+    forms = ["stateful"] if paged.paged is None else ["paged-attention", "stateful"]
+    assert m["verification"]["forms"] == forms
+    if paged.paged is not None:
+        ops = [op.get_type_name() for op in paged.paged.get_ops()]
+        assert ops.count("PagedAttentionExtension") == layers
+        compiled = {p.get_any_name() for p in paged.compiled.inputs}
+        assert "ReadValue" not in ops and "beam_idx" not in compiled and "key_cache.0" in compiled
 
 
 def test_batched_left_padded_rows_and_a_reset_state(ov_artifact):
@@ -64,7 +76,7 @@ def test_static_decode_model_computes_the_dynamic_models_logits(ov_artifact):
     import numpy as np
 
     path = ov_artifact("qwen2")
-    models = [rt.load(path, static_decode=s).model for s in (True, False)]
+    models = [rt.load(path, static_decode=s, paged=False).model for s in (True, False)]
     assert models[0].static_decode and not models[0]._decoders.keys() - {1}  # batch 1 at load
     static, dynamic = (m.sequence() for m in models)
     rows = np.array([[5, 9, 2, 7], [3, 3, 8, 1]])
@@ -81,12 +93,81 @@ def test_static_decode_model_computes_the_dynamic_models_logits(ov_artifact):
     assert static._live is static._request
 
 
+def test_paged_rows_hold_blocks_and_give_them_back(ov_artifact):
+    """The paged sequence: rows of different lengths in one step (a prompt joining beside
+    decoding rows), its pool growing under live rows without changing them, rollback and
+    leaving giving blocks back, logits equal to the stateful model's throughout."""
+    import numpy as np
+
+    path = ov_artifact("llama")
+    paged, stateful = (rt.load(path, paged=p).model for p in (True, False))
+    seq, ref = paged.sequence(), stateful.sequence()
+    block = seq._pool.block
+    ids = np.arange(3, 3 + 2 * block).reshape(1, -1) % paged.vocab_size  # two blocks exactly
+    np.testing.assert_allclose(seq.prefill(ids), ref.prefill(ids), atol=1e-4)
+    assert seq.kv_bytes == 2 * seq._pool.block_bytes and seq._pool.capacity == 4
+    long = list(range(7, 7 + 3 * block))  # joins with three blocks: the pool grows to 8
+    np.testing.assert_allclose(seq.add([long]), ref.add([long]), atol=1e-4)
+    assert seq._pool.capacity == 8 and seq.lengths.tolist() == [2 * block, 3 * block]
+    step = np.array([[11, 12, 13], [21, 22, 23]])
+    np.testing.assert_allclose(seq.extend(step), ref.extend(step), atol=1e-4)  # both verify 3
+    seq.truncate([2 * block, 3 * block])  # reject all three: row 0 gives its third block back
+    ref.truncate([2 * block, 3 * block])
+    assert seq.kv_bytes == 5 * seq._pool.block_bytes
+    last = np.array([[5], [6]])
+    np.testing.assert_allclose(seq.decode(last), ref.decode(last), atol=1e-4)
+    seq.remove([0])
+    ref.remove([0])
+    assert seq.kv_bytes == 4 * seq._pool.block_bytes  # row 1: 3 blocks + 1 position
+    np.testing.assert_allclose(seq.decode(last[1:]), ref.decode(last[1:]), atol=1e-4)
+    seq.remove([0])
+    assert seq.kv_bytes == 0 and seq._pool.capacity == 0  # the last row left: memory freed
+    # at bf16 the plugin keeps an 8-bit cache whose key blocks hold their scales as extra rows:
+    # a block is still 32 positions (the value cache's), and three blocks' worth stays close
+    bf16 = rt.load(path, precision="bf16").model.sequence()
+    assert bf16._pool.block == block
+    long = np.arange(3, 3 + 3 * block).reshape(1, -1) % paged.vocab_size
+    want = paged.sequence().prefill(long)
+    assert np.abs(bf16.prefill(long) - want).max() <= 0.05 * np.abs(want).max()
+
+
+def test_paged_attention_is_refused_in_a_sentence_where_it_cannot_run(tmp_path, ov_artifact):
+    import shutil
+
+    from llmc.errors import SessionError
+
+    path = tmp_path / "windowed"
+    shutil.copytree(ov_artifact("llama"), path)
+    m = read_manifest(path)
+    m["target"]["sliding_window"] = 16  # as the emitter records a windowed model
+    (path / "llmc.json").write_text(__import__("json").dumps(m))
+    assert rt.load(path).model.paged is None  # by default: the stateful model
+    with pytest.raises(SessionError, match="cannot run with paged attention: it has a sliding"):
+        rt.load(path, paged=True)
+
+
+def test_stateful_model_extends_truncates_and_batches(ov_artifact, monkeypatch):
+    """What the conformance suite checks of the default (paged) model, on the stateful one that
+    windowed and --compat artifacts run (and `paged=False`)."""
+    from tests.test_batching import check_join_and_leave
+    from tests.test_speculative import check_extend_and_truncate, check_speculative_greedy
+
+    gen = rt.load(ov_artifact("llama"), paged=False)
+    assert gen.model.paged is None
+    ids = gen.encode(PROMPT)
+    check_extend_and_truncate(gen, ids)
+    assert check_speculative_greedy(gen, ids, None, monkeypatch).accepted > 0
+    check_join_and_leave(gen)
+
+
 def test_precision_is_exact_by_default_and_bf16_only_when_asked(tmp_path, ov_artifact):
     from llmc.targets.openvino.session import EXACT, unpinned
 
-    model = rt.load(ov_artifact("llama")).model
+    model = rt.load(ov_artifact("llama"), paged=False).model
+    paged = rt.load(ov_artifact("llama")).model
     assert model.fast_kernels is None  # an fp32 artifact has no faster kernels to choose
-    for compiled in (model.compiled, model._decoders[1]):
+    assert paged.paged is not None and paged.fast_kernels is None
+    for compiled in (model.compiled, model._decoders[1], paged.compiled):
         # every numeric property as pinned, whatever this CPU would pick by itself
         assert unpinned(compiled, EXACT) == []
         assert compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 0

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmc.artifact_checks import artifact_file, reason
+from llmc.contract import Logits
 from llmc.errors import ArtifactError, SessionError
 from llmc.runtime.padded import PaddedRows, PositionTracker
 from llmc.runtime.session import Model as BaseModel
@@ -130,11 +131,14 @@ def unpinned(compiled, wanted: dict) -> list[str]:
 @dataclass(frozen=True)
 class Options(SessionOptions):
     """precision: "f32" (exact) or "bf16" (faster where the CPU has AVX512-BF16 or AMX, not
-    verified); None: what the artifact was built for. static_decode: decode through a copy of
-    the model reshaped to one new token per row (None: when it fits easily in free memory)."""
+    verified); None: what the artifact was built for. paged: run the model rewritten to paged
+    attention (targets/openvino/paged.py; None: wherever the rewrite takes the artifact).
+    static_decode (stateful only): decode through a copy of the model reshaped to one new token
+    per row (None: when it fits easily in free memory)."""
 
     precision: str | None = None
     static_decode: bool | None = None
+    paged: bool | None = None
 
 
 class Model(BaseModel):
@@ -182,16 +186,20 @@ class Model(BaseModel):
                 f"OpenVINO cannot read {xml} ({reason(exc)}); rebuild the artifact."
             ) from None
         self._properties = compile_properties(self.precision, threads, self.dynamic_quantization)
-        self.compiled = self._compile(self._model)
-        self.inputs = {p.get_any_name() for p in self.compiled.inputs}
+        # older artifacts do not say: assume a window, so that rollbacks compact at once
+        self.sliding_window = int(target.get("sliding_window", 1))
+        self.paged = self._paged_model(self.options.paged)
+        self.form = "stateful" if self.paged is None else "paged-attention"
+        self.compiled = self._compile(self.paged or self._model)
+        self.inputs = {p.get_any_name() for p in self._model.inputs}
         outputs = {o.get_any_name(): list(o.get_partial_shape()) for o in self._model.outputs}
         outputs = {
             k: [d.get_length() if d.is_static else None for d in v] for k, v in outputs.items()
         }
         self.check_io(self.inputs, outputs, "its OpenVINO model")
-        # older artifacts do not say: assume a window, so that rollbacks compact at once
-        self.sliding_window = int(target.get("sliding_window", 1))
-        if static_decode is None:
+        if self.paged is not None:
+            static_decode = False  # one model takes every step
+        elif static_decode is None:
             static_decode = static_decode_fits(xml.with_suffix(".bin").stat().st_size)
         self.static_decode = static_decode
         self._decoders: dict[int, object] = {}  # batch size -> the static decode model
@@ -202,7 +210,37 @@ class Model(BaseModel):
     def sequence(self) -> Sequence:
         if self.io.recurrent:
             return self._recurrent_sequence()
+        if self.paged is not None:
+            from llmc.targets.openvino.paged import PagedSequence
+
+            return PagedSequence(self, self.compiled)
         return Sequence(self)
+
+    def other_forms(self) -> dict[str, dict]:
+        return {} if self.paged is None else {"stateful": {"paged": False}}
+
+    def _paged_model(self, wanted: bool | None):
+        """The paged-attention form of the model (None: the stateful one), where `wanted` allows
+        it and the artifact takes it: not a state-space model, every position's logits (not a
+        --compat build), no sliding window (the rewrite does not carry llmc's window masks)."""
+        from llmc.targets.openvino.paged import paged_form
+
+        if wanted is False:
+            return None
+        why = None
+        if self.io.recurrent:
+            why = "a state-space model has no attention to page"
+        elif self.io.logits is Logits.LAST:
+            why = "it computes logits for the last position only (a --compat build)"
+        elif self.sliding_window:
+            why = "it has a sliding window"
+        else:
+            paged, why = paged_form(self._model)
+            if paged is not None:
+                return paged
+        if wanted:
+            raise SessionError(f"{self.directory} cannot run with paged attention: {why}.")
+        return None
 
     def _recurrent_sequence(self):
         """A state-space model's sequence (runtime/recurrent.py) on infer requests of its own

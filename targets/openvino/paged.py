@@ -1,0 +1,217 @@
+"""Paged attention for OpenVINO artifacts: the artifact's stateful IR rewritten at load time by
+OpenVINO's own SDPA-to-PagedAttention transformation, and a sequence that keeps its rows' KV
+cache in fixed-size blocks it hands to the model as inputs (numpy in, numpy out; no torch).
+
+Why: on the stateful IR every shape change costs. A decode step on the dynamic model re-plans
+its memory, the static one-token copy of the model needs the state moved into it and back for a
+multi-token (speculative verification) step, and rows joining a running batch are prefilled
+apart and left-padded into it. The paged model takes a flat list of new tokens from any number of
+rows, each with its own past length: a decode step, a verification step of K tokens, a joining
+prompt and a rollback (a shorter past length) are all the same call on one compiled model, with
+no padding, no state copies and no second copy of the weights. It is the form OpenVINO GenAI's
+continuous batching runs.
+
+The rewrite: `paged_attention_transformation` replaces each SDPA and its ReadValue/Assign pair by
+a PagedAttentionExtension whose inputs include `key_cache.{i}`, `value_cache.{i}` (blocks
+[n, KV heads, block, head dim]), `past_lens`, `subsequence_begins`, `block_indices`,
+`block_indices_begins` and `max_context_len`; `input_ids` and `position_ids` become flat [T]
+and the hidden states [T, 1, H]. llmc's `logits_index` gathers along the token axis, so its
+gathers get a reshape to [1, T, H] in front, and the logits come out [1, n, V]."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmc.errors import SessionError
+from llmc.runtime.session import Sequence as BaseSequence
+from llmc.runtime.session import check_context
+
+SHAPE_INPUTS = (
+    "input_ids",
+    "position_ids",
+    "logits_index",
+    "past_lens",
+    "subsequence_begins",
+    "block_indices",
+    "block_indices_begins",
+    "max_context_len",
+)
+
+
+def paged_form(model):
+    """`model` (an ov.Model of llmc's stateful form, not changed) as a paged-attention model,
+    or (None, reason) where the transformation does not take it whole."""
+    import openvino.opset13 as ops
+    from openvino._offline_transformations import paged_attention_transformation
+
+    paged = model.clone()
+    try:
+        paged_attention_transformation(paged)
+    except Exception as exc:  # OpenVINO's own error: the pattern it rewrites is not there
+        return None, f"OpenVINO's paged-attention transformation failed ({exc})"
+    names = {p.get_any_name() for p in paged.inputs}
+    layers = sum(op.get_type_name() == "PagedAttentionExtension" for op in paged.get_ops())
+    caches = sum(n.startswith("key_cache.") for n in names)
+    if not layers or caches != layers or not set(SHAPE_INPUTS) <= names:
+        return None, f"it gave {layers} paged-attention layers and inputs {sorted(names)}"
+    if paged.get_sinks():
+        return None, "state is left after the transformation"
+    (index,) = [p for p in paged.get_parameters() if "logits_index" in p.output(0).get_names()]
+    flat_to_row = ops.constant(np.array([1, -1, 0], np.int64))
+    for target in list(index.output(0).get_target_inputs()):
+        gather = target.get_node()
+        if gather.get_type_name() != "Gather" or target.get_index() != 1:
+            return None, f"logits_index feeds a {gather.get_type_name()}"
+        hidden = gather.input(0).get_source_output()
+        gather.input(0).replace_source_output(ops.reshape(hidden, flat_to_row, True).output(0))
+    paged.validate_nodes_and_infer_types()
+    return paged, None
+
+
+class BlockPool:
+    """One sequence's KV blocks: a tensor per cache input [capacity, KV heads, block, head dim]
+    set on its infer request, grown by doubling (a copy of what is held), with a free list."""
+
+    def __init__(self, compiled, request):
+        import openvino as ov
+
+        self._ov, self._request = ov, request
+        self._specs = {}
+        for port in compiled.inputs:
+            name = port.get_any_name()
+            if name.startswith(("key_cache.", "value_cache.")):
+                dims = [d.get_length() for d in list(port.get_partial_shape())[1:]]
+                self._specs[name] = (dims, port.get_element_type())
+        # positions per block: the value cache's third dimension (an 8-bit key cache quantized
+        # by channel, the plugin's default at bf16, keeps its scales as extra rows of the block)
+        self.block = self._specs["value_cache.0"][0][1]
+        self.block_bytes = sum(
+            int(np.prod(d)) * e.size for d, e in self._specs.values()
+        )  # one block of every layer's key and value
+        self.capacity = 0
+        self._tensors: dict[str, object] = {}
+        self._free: list[int] = []
+
+    def take(self, count: int) -> list[int]:
+        if count > len(self._free):
+            self._grow(max(2 * self.capacity, self.capacity + count, 4))
+        taken, self._free = self._free[:count], self._free[count:]
+        return taken
+
+    def give(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+    def release(self) -> None:
+        """Free the memory (every block must have been given back)."""
+        self.capacity, self._free, self._tensors = 0, [], {}
+
+    def _grow(self, capacity: int) -> None:
+        ov = self._ov
+        for name, (dims, element) in self._specs.items():
+            tensor = ov.Tensor(element, [capacity, *dims])
+            if name in self._tensors:
+                tensor.data[: self.capacity] = self._tensors[name].data
+            self._tensors[name] = tensor
+            self._request.set_tensor(name, tensor)
+        self._free.extend(range(self.capacity, capacity))
+        self.capacity = capacity
+
+
+class PagedSequence(BaseSequence):
+    """Rows on a paged-attention model: each row has its own list of cache blocks and length;
+    a step feeds every row's new tokens as one flat list. Rows join (`add`) with their prompt
+    alone, leave (`remove`) by giving their blocks back, and roll back (`truncate`) by a
+    shorter length (blocks past it are given back)."""
+
+    def __init__(self, model, compiled):
+        super().__init__(model)
+        self._request = compiled.create_infer_request()
+        self._pool = BlockPool(compiled, self._request)
+        self._blocks: list[list[int]] = []  # per row
+        self._held = np.zeros(0, np.int64)  # tokens in each row's cache
+
+    def _reset(self) -> None:
+        for blocks in self._blocks:
+            self._pool.give(blocks)
+        self._blocks, self._held = [], np.zeros(0, np.int64)
+
+    def _release(self) -> None:
+        self._pool.release()
+
+    def _lengths(self) -> np.ndarray:
+        return self._held.copy()
+
+    def _kv_bytes(self) -> int:
+        return sum(map(len, self._blocks)) * self._pool.block_bytes
+
+    def _fit(self, row: int, length: int) -> None:
+        """Give row `row` blocks for `length` positions, taking or giving back the difference."""
+        need = -(-length // self._pool.block)
+        blocks = self._blocks[row]
+        if need > len(blocks):
+            blocks.extend(self._pool.take(need - len(blocks)))
+        elif need < len(blocks):
+            self._pool.give(blocks[need:])
+            del blocks[need:]
+
+    def _truncate(self, lengths: np.ndarray) -> None:
+        for row, length in enumerate(lengths):
+            self._fit(row, int(length))
+        self._held = lengths.astype(np.int64).copy()
+
+    def _remove(self, keep: np.ndarray) -> None:
+        for row in np.setdiff1d(np.arange(len(self._blocks)), keep):
+            self._pool.give(self._blocks[row])
+        self._blocks = [self._blocks[r] for r in keep]
+        self._held = self._held[keep]
+
+    def _add(self, rows: list[np.ndarray]) -> np.ndarray:
+        first = len(self._blocks)
+        self._blocks += [[] for _ in rows]
+        self._held = np.concatenate([self._held, np.zeros(len(rows), np.int64)])
+        spans = [(first + i, row) for i, row in enumerate(rows)]
+        return self._run(spans, last_only=True)[:, 0]
+
+    def _extend(self, ids: np.ndarray, mask, last_only: bool) -> np.ndarray:
+        if not self._blocks:  # a prefill (after a reset): the rows start here
+            self._blocks = [[] for _ in range(ids.shape[0])]
+            self._held = np.zeros(ids.shape[0], np.int64)
+        if mask is None:
+            return self._run(list(enumerate(ids)), last_only)
+        if not last_only:  # the base class pads prompts only for their last logits
+            raise SessionError("a padded prompt gives the logits of its last position only.")
+        return self._run([(b, ids[b][mask[b] == 1]) for b in range(ids.shape[0])], True)
+
+    def _run(self, spans: list[tuple[int, np.ndarray]], last_only: bool) -> np.ndarray:
+        """One step: each (row, new tokens) after what the row holds -> logits [rows, 1 or S, V]
+        of those rows in span order (S: the rows' common number of new tokens)."""
+        counts = np.array([len(t) for _, t in spans], np.int64)
+        past = np.array([self._held[r] for r, _ in spans], np.int64)
+        ends = past + counts
+        check_context(int(ends.max()), self.max_context)
+        for (row, _), end in zip(spans, ends, strict=True):
+            self._fit(row, int(end))
+        begins = np.concatenate([[0], np.cumsum(counts)])
+        blocks = [np.asarray(self._blocks[r], np.int32) for r, _ in spans]
+        feeds = {
+            "input_ids": np.concatenate([t for _, t in spans]).astype(np.int64),
+            "position_ids": np.concatenate(
+                [np.arange(p, e) for p, e in zip(past, ends, strict=True)]
+            ),
+            "past_lens": past.astype(np.int32),
+            "subsequence_begins": begins.astype(np.int32),
+            "block_indices": np.concatenate(blocks),
+            "block_indices_begins": np.concatenate(
+                [[0], np.cumsum([len(b) for b in blocks])]
+            ).astype(np.int32),
+            "max_context_len": np.array(int(ends.max()), np.int32),
+            "logits_index": (begins[1:] - 1 if last_only else np.arange(begins[-1])).astype(
+                np.int64
+            ),
+        }
+        self._request.infer(feeds, share_inputs=True)
+        for (row, _), end in zip(spans, ends, strict=True):
+            self._held[row] = end
+        logits = self._request.get_tensor("logits").data[0]  # [n, V]
+        per_row = 1 if last_only else int(counts[0])
+        return logits.reshape(len(spans), per_row, -1).copy()
