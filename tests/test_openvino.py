@@ -167,7 +167,8 @@ def test_precision_is_exact_by_default_and_bf16_only_when_asked(tmp_path, ov_art
     paged = rt.load(ov_artifact("llama")).model
     assert model.fast_kernels is None  # an fp32 artifact has no faster kernels to choose
     assert paged.paged is not None and paged.fast_kernels is None
-    for compiled in (model.compiled, model._decoders[1], paged.compiled):
+    assert paged.static_decode and list(paged._decoders) == [1]  # one row's paged decode copy
+    for compiled in (model.compiled, model._decoders[1], paged.compiled, paged._decoders[1]):
         # every numeric property as pinned, whatever this CPU would pick by itself
         assert unpinned(compiled, EXACT) == []
         assert compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 0

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmc.artifact_checks import artifact_file, reason
-from llmc.contract import Logits
 from llmc.errors import ArtifactError, SessionError
 from llmc.runtime.padded import PaddedRows, PositionTracker
 from llmc.runtime.session import Model as BaseModel
 from llmc.runtime.session import Sequence as BaseSequence
 from llmc.runtime.session import SessionOptions
 from llmc.targets.base import step_feeds
+from llmc.targets.openvino.paged import paged_decoder, paged_model
 
 # Every CPU-plugin property of OpenVINO 2026.4 that changes the arithmetic, pinned, so that
 # "exact" is the same computation on every CPU generation. Left to the plugin, each one is chosen
@@ -133,8 +133,8 @@ class Options(SessionOptions):
     """precision: "f32" (exact) or "bf16" (faster where the CPU has AVX512-BF16 or AMX, not
     verified); None: what the artifact was built for. paged: run the model rewritten to paged
     attention (targets/openvino/paged.py; None: wherever the rewrite takes the artifact).
-    static_decode (stateful only): decode through a copy of the model reshaped to one new token
-    per row (None: when it fits easily in free memory)."""
+    static_decode: decode through a copy of the model reshaped to one new token per row (paged:
+    for one row; None: when it fits easily in free memory)."""
 
     precision: str | None = None
     static_decode: bool | None = None
@@ -188,7 +188,7 @@ class Model(BaseModel):
         self._properties = compile_properties(self.precision, threads, self.dynamic_quantization)
         # older artifacts do not say: assume a window, so that rollbacks compact at once
         self.sliding_window = int(target.get("sliding_window", 1))
-        self.paged = self._paged_model(self.options.paged)
+        self.paged = paged_model(self, self._model, self.options.paged)
         self.form = "stateful" if self.paged is None else "paged-attention"
         self.compiled = self._compile(self.paged or self._model)
         self.inputs = {p.get_any_name() for p in self._model.inputs}
@@ -197,9 +197,7 @@ class Model(BaseModel):
             k: [d.get_length() if d.is_static else None for d in v] for k, v in outputs.items()
         }
         self.check_io(self.inputs, outputs, "its OpenVINO model")
-        if self.paged is not None:
-            static_decode = False  # one model takes every step
-        elif static_decode is None:
+        if static_decode is None:
             static_decode = static_decode_fits(xml.with_suffix(".bin").stat().st_size)
         self.static_decode = static_decode
         self._decoders: dict[int, object] = {}  # batch size -> the static decode model
@@ -218,29 +216,6 @@ class Model(BaseModel):
 
     def other_forms(self) -> dict[str, dict]:
         return {} if self.paged is None else {"stateful": {"paged": False}}
-
-    def _paged_model(self, wanted: bool | None):
-        """The paged-attention form of the model (None: the stateful one), where `wanted` allows
-        it and the artifact takes it: not a state-space model, every position's logits (not a
-        --compat build), no sliding window (the rewrite does not carry llmc's window masks)."""
-        from llmc.targets.openvino.paged import paged_form
-
-        if wanted is False:
-            return None
-        why = None
-        if self.io.recurrent:
-            why = "a state-space model has no attention to page"
-        elif self.io.logits is Logits.LAST:
-            why = "it computes logits for the last position only (a --compat build)"
-        elif self.sliding_window:
-            why = "it has a sliding window"
-        else:
-            paged, why = paged_form(self._model)
-            if paged is not None:
-                return paged
-        if wanted:
-            raise SessionError(f"{self.directory} cannot run with paged attention: {why}.")
-        return None
 
     def _recurrent_sequence(self):
         """A state-space model's sequence (runtime/recurrent.py) on infer requests of its own
@@ -277,8 +252,13 @@ class Model(BaseModel):
     def prepare_batching(self) -> None:
         """Compile the decode model of any batch size; drop the one-row copy compiled at load,
         which a batch whose rows come and go never runs (it decodes on RAGGED at every size):
-        it would only hold a copy of the weights (compiled again if a fixed batch asks)."""
-        if self.static_decode:
+        it would only hold a copy of the weights (compiled again if a fixed batch asks). The
+        paged model takes any batch as it is: it keeps no copy at all."""
+        if self.paged is not None:
+            with self._lock:
+                self.static_decode = False
+                self._decoders.clear()
+        elif self.static_decode:
             self.decoder(RAGGED)
             with self._lock:
                 self._decoders.pop(1, None)
@@ -291,6 +271,9 @@ class Model(BaseModel):
             if batch not in self._decoders:
                 import openvino as ov
 
+                if self.paged is not None:  # `batch` rows, one token each: flat [batch]
+                    self._decoders[batch] = self._compile(paged_decoder(self.paged, batch))
+                    return self._decoders[batch]
                 fixed = {
                     "input_ids": [batch, 1],
                     "position_ids": [batch, 1],
