@@ -138,6 +138,7 @@ def test_llmc_runtime_loads_a_compat_artifact(target, tiny_artifact, tiny_model)
         gen.generate(PROMPT, max_new_tokens=4, draft="prompt-lookup")
 
 
+@pytest.mark.heavy  # two int8 builds and vendor runs, 28 s of CI's 20 minutes: make test-heavy
 @pytest.mark.parametrize("target", ["onnx", "openvino"])
 def test_a_quantized_compat_artifact_loads_in_the_vendor_runtime(target, tiny_artifact):
     """int8 weights in the vendor's own form (MatMulNBits, compressed u8 constants) load and

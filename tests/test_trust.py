@@ -18,6 +18,8 @@ from llmc.config import BuildConfig
 from llmc.targets import TARGETS
 
 READY = [t.name for t in TARGETS.values() if t.ready and not t.missing()]
+# AOTInductor compiles C++ twice here (44 s of CI's 20 minutes): `make test-heavy`
+BUILDS = [pytest.param(t, marks=pytest.mark.heavy) if t == "inductor" else t for t in READY]
 
 
 def llmc_build(*args: str, env: dict | None = None):
@@ -30,7 +32,7 @@ def llmc_build(*args: str, env: dict | None = None):
     return result.exit_code, data, result.stderr
 
 
-@pytest.mark.parametrize("target", READY)
+@pytest.mark.parametrize("target", BUILDS)
 def test_the_same_build_gives_the_same_bytes(target, tiny_artifact, tmp_path):
     """A second build of tiny:llama (in another process or, as here, the same one: OpenVINO's
     node counters, TVM's shape functions and Inductor's package ids once differed) gives the
