@@ -235,11 +235,12 @@ def verify_artifact(
         found.forms = [form_model.form]
         return found
 
-    result = check(loaded)
-    # the same artifact as other runtimes run it (OpenVINO: the stateful IR the runtime rewrites)
-    for options in loaded.other_forms().values():
-        result.merge(check(model_class.open(directory, manifest, exact=True, **options)))
+    # the same artifact as other runtimes run it (OpenVINO: the stateful IR the runtime rewrites),
+    # one loaded form at a time
+    others, result = loaded.other_forms(), check(loaded)
     del loaded
+    for options in others.values():
+        result.merge(check(model_class.open(directory, manifest, exact=True, **options)))
     if graph is None:
         return BuildVerification(result)
     fast = model_class.open(directory, manifest)
