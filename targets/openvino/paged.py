@@ -154,20 +154,27 @@ class BlockPool:
         self._free.extend(blocks)
 
     def release(self) -> None:
-        """Free the memory (every block must have been given back)."""
+        """Free the memory (every block must have been given back): the requests hold tensors
+        of no blocks, not the old ones."""
         self.capacity, self._free, self._tensors = 0, [], {}
+        self._set(0)
 
     def _grow(self, capacity: int) -> None:
-        ov = self._ov
+        old, held = self._tensors, self.capacity
+        self._set(capacity)
+        for name, tensor in old.items():
+            self._tensors[name].data[:held] = tensor.data
+        self._free.extend(range(held, capacity))
+        self.capacity = capacity
+
+    def _set(self, capacity: int) -> None:
+        """New tensors of `capacity` blocks for every cache input, on every request."""
+        self._tensors = {}
         for name, (dims, element) in self._specs.items():
-            tensor = ov.Tensor(element, [capacity, *dims])
-            if name in self._tensors:
-                tensor.data[: self.capacity] = self._tensors[name].data
+            tensor = self._ov.Tensor(element, [capacity, *dims])
             self._tensors[name] = tensor
             for request in self._requests:
                 request.set_tensor(name, tensor)
-        self._free.extend(range(self.capacity, capacity))
-        self.capacity = capacity
 
 
 class PagedSequence(BaseSequence):
@@ -211,7 +218,7 @@ class PagedSequence(BaseSequence):
     def _truncate(self, lengths: np.ndarray) -> None:
         for row, length in enumerate(lengths):
             self._fit(row, int(length))
-        self._held = lengths.astype(np.int64).copy()
+        self._held = lengths.astype(np.int64)
 
     def _remove(self, keep: np.ndarray) -> None:
         for row in np.setdiff1d(np.arange(len(self._blocks)), keep):

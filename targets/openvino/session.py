@@ -31,7 +31,7 @@ from llmc.runtime.session import Model as BaseModel
 from llmc.runtime.session import Sequence as BaseSequence
 from llmc.runtime.session import SessionOptions
 from llmc.targets.base import step_feeds
-from llmc.targets.openvino.paged import paged_decoder, paged_model
+from llmc.targets.openvino.paged import PagedSequence, paged_decoder, paged_model
 
 # Every CPU-plugin property of OpenVINO 2026.4 that changes the arithmetic, pinned, so that
 # "exact" is the same computation on every CPU generation. Left to the plugin, each one is chosen
@@ -190,7 +190,7 @@ class Model(BaseModel):
         self.sliding_window = int(target.get("sliding_window", 1))
         self.paged = paged_model(self, self._model, self.options.paged)
         self.form = "stateful" if self.paged is None else "paged-attention"
-        self.compiled = self._compile(self.paged or self._model)
+        self.compiled = self._compile(self._model if self.paged is None else self.paged)
         self.inputs = {p.get_any_name() for p in self._model.inputs}
         outputs = {o.get_any_name(): list(o.get_partial_shape()) for o in self._model.outputs}
         outputs = {
@@ -209,8 +209,6 @@ class Model(BaseModel):
         if self.io.recurrent:
             return self._recurrent_sequence()
         if self.paged is not None:
-            from llmc.targets.openvino.paged import PagedSequence
-
             return PagedSequence(self, self.compiled)
         return Sequence(self)
 
