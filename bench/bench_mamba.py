@@ -72,9 +72,9 @@ def _ids(vocab: int) -> list[int]:
 
 
 def _peak_rss_mb() -> float:
-    import resource
+    from llmc.host import peak_rss_mb  # this process's own, not its spawner's (host.py)
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    return peak_rss_mb() * 1.024
 
 
 def run_llmc(artifact: str, threads: int) -> dict:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from llmc.host import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMS = {"paged": True, "stateful": False}
@@ -58,7 +59,7 @@ def measure(artifact: str, paged: bool, threads: int) -> dict:
     batch = gen.model.sequence()
     batch.prefill(rng.integers(0, vocab, (8, 100)))
     batch8 = timed(lambda: batch.decode(rng.integers(0, vocab, (8, 1))), 32)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mb()
     return {
         "load_s": load_s,
         "ttft_200_ms": ttft * 1e3,

@@ -7,7 +7,6 @@ these in child processes and compare them."""
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,9 @@ TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare-dev.txt"
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from llmc.host import peak_rss_mb  # this process's own, not its spawner's (host.py)
+
+    return peak_rss_mb()
 
 
 def _long_prompt(encode) -> list[int]:

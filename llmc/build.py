@@ -40,9 +40,9 @@ class Progress:
 
 def peak_memory_gb() -> float:
     """The peak resident memory of this process so far (a build's, run from the CLI)."""
-    import resource
+    from llmc.host import peak_rss_mb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+    return peak_rss_mb() / 1e3
 
 
 @dataclass

@@ -45,3 +45,20 @@ def _cpuinfo() -> tuple[str, tuple[str, ...]]:
 
 def describe(host: dict) -> str:
     return f"{host['model']} ({', '.join(host['features']) or 'no AVX2'})"
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory, in MB: the kernel's high-water mark of its
+    address space (VmHWM). `getrusage(RUSAGE_SELF).ru_maxrss` is not that after an exec: Linux
+    carries the spawning process's high-water mark into it, so a child of an 800 MB parent
+    reports at least 800 MB whatever it uses itself."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
