@@ -46,7 +46,7 @@ def plan_forms(unit: P.Unit, h, group: int, linear, symmetric_only: bool | None 
     _, _, _, on_grid = Q.exact_grid(w.view(w.shape[0], -1, group), 4)
     if symmetric_only is not True and bool(on_grid.all()):  # a target taking zero points
         unit.forms["exact"], unit.errors["exact"] = Q.rtn(w, 4, group, sym=False), 0.0
-    int8, error = linear(w, h, 8, group, sym=True, gptq=False)  # near-exact without GPTQ
+    int8, error = linear(w, h, 8, P.int8_group(w.shape[1], group), sym=True, gptq=False)
     unit.forms["int8"], unit.errors["int8"] = int8, error**2
 
 

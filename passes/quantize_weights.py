@@ -152,6 +152,8 @@ class QuantizeWeights(Pass):
             if table is None:
                 continue
             group = cfg.group or table.shape[1]
+            if cfg.planned:  # the planned 8-bit form's group: a tied lm_head shares the table
+                group = P.int8_group(table.shape[1], group)
             if table.shape[1] % group:
                 notes.append(
                     f"{layer_name(node)}: width {table.shape[1]} not a multiple of {group}"

@@ -41,6 +41,13 @@ def test_a_tighter_budget_promotes_more_and_meets_its_target(tiny_model):
     bits = [n.args[4] for n in tight.fx.nodes if n.target is torch.ops.llmc.linear_nbits.default]
     assert bits.count(8) == b["forms"]["int8"] and bits.count(4) == b["forms"]["fast"]
     assert tight.quantization["symmetric"] == "per layer (plan)"
+    # 8-bit forms scale per INT8_GROUP input channels (tiny:llama's 64 and 128 divide by it),
+    # 4-bit ones per 32; the 8-bit embedding table has the lm_head's group, so one copy is kept
+    for node in tight.fx.nodes:
+        if node.target is torch.ops.llmc.linear_nbits.default:
+            assert node.args[5] == (P.INT8_GROUP if node.args[4] == 8 else 32)
+        if node.target is torch.ops.llmc.embedding_nbits.default:
+            assert node.args[4:6] == (8, P.INT8_GROUP)
 
 
 def test_drift_is_the_kl_of_quantizing_one_matmul(tiny_model):

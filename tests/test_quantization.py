@@ -295,8 +295,8 @@ def check_rescorer_rows(out, manifest):
     from llmc.targets.onnx.rescore import TOP
     from llmc.targets.onnx.session import Model
 
-    rescore = Model(out, manifest).rescore
-    assert rescore is not None and rescore.bits == 8
+    rescore = Model(out, manifest).lm_head_rows
+    assert rescore is not None and rescore.bits == 8 and rescore.in_graph
     w = tiny.build_model("llama").lm_head.weight.detach().numpy()
     rows = rescore.rows(np.arange(w.shape[0]))
     step = np.repeat(rescore.scales, rescore.block, 1)[:, : w.shape[1]]
@@ -324,6 +324,49 @@ def check_rescorer_rows(out, manifest):
     for j, k in ((0, 1), (2, 2)):
         assert made_by[gather.input[j]].op_type == "Reshape"
         assert made_by[gather.input[j]].input[0] == head.input[k]
+
+
+def test_the_session_corrects_its_top_logits_as_the_rescorer_does(tiny_artifact, monkeypatch):
+    """A quantized artifact's fast session computes its exact top logits itself (TopK, the
+    candidates' rows gathered from the lm_head's codes, scattered back): the same logits as the
+    Python rescorer on the lm_head's input, at every position and row of prefill, decode and
+    extend, and nothing is left for the runtime to rescore."""
+    import llmc.runtime as rt
+    from llmc.targets.onnx.session import Model
+
+    art = tiny_artifact("llama", quant="int8")
+    ours = rt.load(art).model
+    monkeypatch.setattr(Model, "rescore_in_graph", False)
+    python = rt.load(art).model
+    assert ours.lm_head_rows.in_graph and ours.rescore is None
+    assert python.rescore is not None and not python.rescore.in_graph
+    ids = np.random.default_rng(0).integers(0, ours.vocab_size, (2, 9))
+    a, b = ours.sequence(), python.sequence()
+    pairs = [(a.prefill(ids), b.prefill(ids))]
+    for step in range(3):
+        pairs.append((a.decode(ids[:, step : step + 1]), b.decode(ids[:, step : step + 1])))
+    pairs.append((a.extend(ids[:, :4]), b.extend(ids[:, :4])))
+    for x, y in pairs:
+        assert x.shape == y.shape and np.allclose(x, y, atol=1e-5)
+    # and the correction does something: the fast kernels' own logits (the Python-rescored
+    # session's, before rescoring) differ from these
+    fast = python.decode_session.run(["logits"], _feeds(python, ids))[0]
+    assert not np.allclose(fast[:, -1], pairs[0][0], atol=1e-5)
+
+
+def _feeds(model, ids):
+    """Inputs of one fresh prefill step of `ids` on an ONNX model's fast session (an empty
+    cache of the shared-KV layout, every row's last position)."""
+    io, (b, s) = model.io, ids.shape
+    feeds = {
+        "input_ids": ids,
+        "position_ids": np.tile(np.arange(s), (b, 1)),
+        "seqlens_k": np.full(b, s - 1, np.int32),
+        "logits_index": np.array([s - 1]),
+    }
+    shape = (b, io.cache.kv_heads, s, io.cache.head_dim)
+    feeds.update({name: np.zeros(shape, np.float32) for name in io.past_inputs})
+    return {k: v for k, v in feeds.items() if k in model.inputs}
 
 
 def test_largest_finds_the_values_argpartition_finds():
@@ -444,6 +487,6 @@ def test_a_quantized_onnx_artifact_whose_data_file_has_two_hard_links_runs(tiny_
     shutil.copytree(tiny_artifact("llama", quant="int8"), out)
     os.link(out / "model.onnx.data", tmp_path / "cache-copy.data")
     gen = rt.load(out)
-    assert gen.model.rescore is not None
+    assert gen.model.lm_head_rows is not None
     steps = gen.generate_ids([gen.encode("hello")], rt.GenerationConfig(4, ignore_eos=True))
     assert len(list(steps)) == 4

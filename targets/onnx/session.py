@@ -59,10 +59,12 @@ def _open(
     rescore=False,
     spin: bool = True,
     config: dict | None = None,
+    in_graph: bool = True,
 ):
     """An onnxruntime session and its lm_head rescorer (or None). `accuracy_level` overrides
     every MatMulNBits' (0: dequantize the weights and multiply in fp32, exactly what the llmc op
-    computes); `rescore`: expose the lm_head's input for exact top logits (rescore.py)."""
+    computes); `rescore`: exact top logits from the lm_head's rows (rescore.py), computed by
+    the session itself where `in_graph` and it can, else by the rescorer."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -97,7 +99,7 @@ def _open(
             if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
                 a.i = a.i if accuracy_level is None else accuracy_level
     vocab = int(manifest["model"]["vocab_size"])
-    rescorer = LmHeadRescorer.attach(model, path.parent, vocab) if rescore else None
+    rescorer = LmHeadRescorer.attach(model, path.parent, vocab, in_graph) if rescore else None
     folder = "session.model_external_initializers_file_folder_path"
     opts.add_session_config_entry(folder, str(path.parent))
     return _session(ort, model.SerializeToString(), opts, providers, path), rescorer
@@ -136,6 +138,7 @@ class Model(BaseModel):
     exact session (faster there for many rows)."""
 
     spins = True
+    rescore_in_graph = True  # the fast session corrects its own top logits where it can
     short_extend = SHORT_EXTEND  # what its sequences keep bindings for
     session_config: ClassVar[dict[str, str]] = {}  # onnxruntime session config entries
 
@@ -150,9 +153,13 @@ class Model(BaseModel):
         )
         spin = self.options.spin
         config = self.session_config
-        self.decode_session, self.rescore = _open(
-            directory, manifest, threads, 0 if exact and quantized else None, fast, spin, config
+        level = 0 if exact and quantized else None
+        self.decode_session, self.lm_head_rows = _open(
+            directory, manifest, threads, level, fast, spin, config, self.rescore_in_graph
         )
+        # what the runtime must rescore itself: nothing where the session does (in_graph)
+        rows = self.lm_head_rows
+        self.rescore = None if rows is None or rows.in_graph else rows
         self.prefill_session = self.decode_session
         exact_prompts = quantized and not self.fast_prompts
         self.chunk = EXACT_PREFILL_CHUNK if exact_prompts else PREFILL_CHUNK
@@ -186,7 +193,7 @@ class Model(BaseModel):
         the prompts of rows joining a running batch (`join`) on the fast kernels."""
         if (live and tokens <= SHORT_EXTEND) or self.fast_prompts:
             return self.decode_session, self.rescore
-        if join and self.rescore is not None and tokens <= FAST_JOIN:
+        if join and self.lm_head_rows is not None and tokens <= FAST_JOIN:
             return self.decode_session, self.rescore
         return self.prefill_session, None
 
