@@ -31,6 +31,9 @@ NUM_DRAFT = {"prompt-lookup": 15, "model": 4}  # default most tokens drafted per
 VERIFY_COST = 0.06
 CATCH_UP = 16  # tokens a draft model takes per step when it catches up (its decode kernels)
 MAX_DRAFT = 15  # a verification step of 16 tokens at most runs on the decode kernels
+# Prompt lookup weighs the latest CANDIDATES occurrences of an n-gram by how many of the CONTEXT
+# tokens before each agree with the text's own (PromptLookup).
+CANDIDATES, CONTEXT = 64, 32
 
 
 @dataclass
@@ -48,10 +51,13 @@ class RowStats:
 
 class PromptLookup:
     """Drafts the tokens that followed an earlier occurrence of the sequence's last n tokens (n
-    from `max_ngram` down to `min_ngram`), in the prompt or the text so far: the latest one
-    whose continuation is as long as asked, else the one with the longest. Each row keeps an
-    index of where every n-gram started, updated with the tokens added since the last step, so
-    a lookup costs a few dictionary reads."""
+    from `max_ngram` down to `min_ngram`), in the prompt or the text so far: of those whose
+    continuation is as long as asked (else the longest), the one whose preceding tokens agree
+    longest with the text's, the latest of equals. In a text that copies a passage with edits,
+    that is the place being copied, where a short n-gram alone (`self.`, an indent) also
+    matches everywhere else. Each row keeps an index of where every n-gram started, updated
+    with the tokens added since the last step, so a lookup costs a few dictionary reads and one
+    comparison of CONTEXT tokens per candidate."""
 
     cost = 0.0  # per drafted token, relative to a target decode step
 
@@ -94,12 +100,27 @@ class PromptLookup:
                 break
             starts = self._index[row].get(tuple(history[size - n :].tolist()), [])[:-1]
             if starts:  # every earlier occurrence but the tail itself, oldest first
-                best = max(reversed(starts[-8:]), key=lambda at: min(k, size - at - n))
+                at = np.array(starts[-CANDIDATES:], np.int64)[::-1]  # latest first
+                room = np.minimum(k, size - at - n)
+                agree = _context(history, at, size - n)
+                best = at[np.lexsort((-agree, -room))[0]]  # the longest, then best agreeing
                 return history[best + n : best + n + k].copy()
         return np.zeros(0, np.int64)
 
     def commit(self, accepted: list[int]) -> None:
         pass
+
+
+def _context(history: np.ndarray, starts: np.ndarray, end: int) -> np.ndarray:
+    """For each n-gram occurrence at `starts`, how many of the tokens before it equal those
+    before the tail's occurrence at `end` (up to CONTEXT): in a text that copies a passage, the
+    occurrence at the passage's place agrees the longest."""
+    back = np.arange(1, CONTEXT + 1)
+    before = starts[:, None] - back  # [m, CONTEXT] positions before each occurrence
+    ours = end - back
+    same = (before >= 0) & (ours >= 0)
+    same &= history[np.maximum(before, 0)] == history[np.maximum(ours, 0)]
+    return np.cumprod(same, axis=1).sum(axis=1)
 
 
 class DraftModel:

@@ -160,6 +160,40 @@ def test_batcher_gives_each_request_its_text_alone(target, passes, draft, tiny_a
     assert batcher.running == 0 and batcher.kv_bytes == 0
 
 
+def test_a_burst_on_an_idle_batcher_is_prefilled_in_one_step(tiny_artifact, monkeypatch):
+    """Requests arriving a few milliseconds apart on an idle batcher join in one prefill, not
+    the first alone and the rest a step later; a burst that runs on joins the next step."""
+    from llmc.runtime import batcher as batching
+    from llmc.runtime.generator import _config
+
+    monkeypatch.setattr(batching, "GATHER_S", 0.05)  # wide, so that a loaded machine's
+    monkeypatch.setattr(batching, "GATHER_MAX_S", 0.3)  # scheduling cannot split the burst
+
+    joins = []
+
+    class Counting(batching.Batcher):
+        def _join(self, requests):
+            joins.append(len(requests))
+            super()._join(requests)
+
+    gen = rt.load(tiny_artifact("llama"))
+    batcher = Counting(gen, max_batch=8)
+    events = [[] for _ in range(5)]
+    try:
+        for i in range(4):
+            batcher.submit(PROMPTS[i], _config(max_new_tokens=4), events[i].append)
+            time.sleep(0.005)  # arrivals a few milliseconds apart, as HTTP requests come
+        time.sleep(0.5)  # the burst has been prefilled and is finishing
+        batcher.submit(PROMPTS[0], _config(max_new_tokens=4), events[4].append)
+        deadline = time.monotonic() + 60
+        while not all(e and e[-1].finish_reason for e in events) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        batcher.close(timeout=5)
+    assert joins == [4, 1]
+    assert all(e[-1].finish_reason == "length" and len(e) == 4 for e in events)
+
+
 def test_cancelled_request_stops_and_frees_its_rows(tiny_artifact):
     from llmc.runtime.batcher import Batcher
     from llmc.runtime.generator import _config

@@ -195,6 +195,11 @@ def test_prompt_lookup_drafts_what_followed_the_last_ngram():
     # ... but a longer continuation beats a later, cut-short one
     assert lookup.lookup(np.array([5, 1, 2, 3, 4, 1, 2, 1, 2]), 3).tolist() == [3, 4, 1]
     assert lookup.lookup(np.array([4, 2, 3, 9, 2, 3]), 2).tolist() == [9, 2]  # trigram missing
+    # a text copying a passage: of two full continuations, the one whose preceding tokens agree
+    # with the text's (the place being copied) wins over the later one
+    passage = [30, 31, 5, 1, 2, 40, 41, 42, 43, 10, 11, 5, 1, 2, 20, 21, 22, 23]
+    assert lookup.lookup(np.array([*passage, 30, 31, 5, 1, 2]), 3).tolist() == [40, 41, 42]
+    assert lookup.lookup(np.array([*passage, 10, 11, 5, 1, 2]), 3).tolist() == [20, 21, 22]
     history = np.array([7, 1, 2, 3, 4, 5, 9, 1, 2, 3, 8, 1, 2])
     assert lookup.lookup(np.array([1, 2, 3, 4]), 3).tolist() == []  # no earlier match
     assert lookup.lookup(history, 0).tolist() == []
