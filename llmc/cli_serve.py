@@ -96,6 +96,8 @@ def serve(
     if precision and target != "openvino":
         raise click.UsageError(f"--precision applies to OpenVINO artifacts; this one is {target}.")
     load = {"threads": threads, "exact": exact, **({"precision": precision} if precision else {})}
+    if target == "openvino":  # the event loop computes beside each step (Options.pin_threads)
+        load["pin_threads"] = False
     if ray:
         _require("ray", "starlette", extra="ray")
         from llmc.server.ray_serve import deploy

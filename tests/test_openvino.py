@@ -174,6 +174,10 @@ def test_precision_is_exact_by_default_and_bf16_only_when_asked(tmp_path, ov_art
         assert compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 0
         for hint in ("INFERENCE_PRECISION_HINT", "KEY_CACHE_PRECISION", "VALUE_CACHE_PRECISION"):
             assert compiled.get_property(hint).to_string() == "f32"
+    # a server's threads are not bound to cores (Options.pin_threads); the numbers are the same
+    free = rt.load(ov_artifact("llama"), pin_threads=False).model
+    assert free.compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert unpinned(free.compiled, EXACT) == []
     out = _build(tmp_path / "bf16", "--precision", "bf16")
     m = read_manifest(out)
     assert m["target"]["precision"] == "bf16" and m["verification"]["passed"]  # verified at f32
