@@ -194,8 +194,9 @@ class Batcher:
 
     def _gather(self) -> None:
         """On an idle batcher, wait while a burst of requests is still arriving (see GATHER_S)."""
+        first = self._pending[0].submitted if self._pending else 0.0  # the cap holds on cancels
         while self._pending and len(self._pending) < self.max_batch and not self._closing:
-            first, last = self._pending[0].submitted, self._pending[-1].submitted
+            last = self._pending[-1].submitted
             wait = min(last + GATHER_S, first + GATHER_MAX_S) - time.perf_counter()
             if wait <= 0:
                 return

@@ -162,13 +162,13 @@ def test_batcher_gives_each_request_its_text_alone(target, passes, draft, tiny_a
 
 def test_a_burst_on_an_idle_batcher_is_prefilled_in_one_step(tiny_artifact, monkeypatch):
     """Requests arriving a few milliseconds apart on an idle batcher join in one prefill, not
-    the first alone and the rest a step later; a burst that runs on joins the next step."""
+    the first alone and the rest a step later. A full batch ends the gathering at once, so the
+    fifth request joins on its own whatever the machine's scheduling."""
     from llmc.runtime import batcher as batching
     from llmc.runtime.generator import _config
 
-    monkeypatch.setattr(batching, "GATHER_S", 0.05)  # wide, so that a loaded machine's
-    monkeypatch.setattr(batching, "GATHER_MAX_S", 0.3)  # scheduling cannot split the burst
-
+    monkeypatch.setattr(batching, "GATHER_S", 0.5)  # wide: a loaded machine cannot split the
+    monkeypatch.setattr(batching, "GATHER_MAX_S", 2.0)  # burst by scheduling the threads late
     joins = []
 
     class Counting(batching.Batcher):
@@ -177,14 +177,13 @@ def test_a_burst_on_an_idle_batcher_is_prefilled_in_one_step(tiny_artifact, monk
             super()._join(requests)
 
     gen = rt.load(tiny_artifact("llama"))
-    batcher = Counting(gen, max_batch=8)
+    batcher = Counting(gen, max_batch=4)
     events = [[] for _ in range(5)]
+    config = _config(max_new_tokens=4, ignore_eos=True)
     try:
-        for i in range(4):
-            batcher.submit(PROMPTS[i], _config(max_new_tokens=4), events[i].append)
+        for i in range(5):
+            batcher.submit(PROMPTS[i % len(PROMPTS)], config, events[i].append)
             time.sleep(0.005)  # arrivals a few milliseconds apart, as HTTP requests come
-        time.sleep(0.5)  # the burst has been prefilled and is finishing
-        batcher.submit(PROMPTS[0], _config(max_new_tokens=4), events[4].append)
         deadline = time.monotonic() + 60
         while not all(e and e[-1].finish_reason for e in events) and time.monotonic() < deadline:
             time.sleep(0.02)
