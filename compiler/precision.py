@@ -48,6 +48,21 @@ PLAN_TOKENS = 2048
 KL_DIGITS = 4  # significant digits kept in the manifest (thread-count noise stays out of it)
 
 
+def held_out(rows: list, tokens: int) -> tuple[list, list]:
+    """Calibration rows split into (the plan's, GPTQ's): the first rows holding `tokens` tokens
+    score the plans and GPTQ fits its weights on the rest, where the rest holds at least three
+    times as many (else both get every row). Scored on the rows it was fitted to, a plan looked
+    better than it was, the more so the more of its matmuls GPTQ made (SmolLM2 at a 3% budget:
+    +1.6% on the calibration rows, +4.1% on held-out text)."""
+    taken, kept = 0, 0
+    for row in rows:
+        if taken >= tokens:
+            break
+        taken, kept = taken + len(row), kept + 1
+    rest = sum(len(r) for r in rows[kept:])
+    return (rows[:kept], rows[kept:]) if kept and rest >= 3 * tokens else (rows, rows)
+
+
 def int8_group(k: int, group: int) -> int:
     """The group of a planned 8-bit form of a weight with `k` input channels (INT8_GROUP)."""
     return INT8_GROUP if 0 < group < INT8_GROUP and k % INT8_GROUP == 0 else group
@@ -188,6 +203,7 @@ def plan(units: list[Unit], probe: Probe, target: float) -> tuple[dict[str, str]
                 lo, hi = (lo, mid) if increase(prefix(mid)) <= target else (mid, hi)
             lo = hi
         found.append(prefix(lo))
+        increase(prefix(lo))  # measured already, unless every unit had to be promoted
         tried = [k for k in range(len(order) + 1) if prefix(k) in measured]
         searches.append([{"promoted": k, "increase": round(increase(prefix(k)), 5)} for k in tried])
     within = [p for p in found if increase(p) <= target] or found

@@ -163,7 +163,8 @@ def _plan_and_drift(console, quant: dict) -> None:
     if plan:
         forms = ", ".join(f"{n} {f}" for f, n in plan["forms"].items() if n)
         console.print(
-            f"plan     {forms} within a {plan['budget']:.1%} perplexity budget (calibration "
+            f"plan     {forms} within a {plan['budget']:.1%} perplexity budget ("
+            f"{'held-out ' if plan.get('held_out') else ''}calibration "
             f"{plan['calibration_increase']:+.2%} on {plan['calibration_tokens']} tokens, "
             f"aiming at {plan['target']:+.2%})"
         )

@@ -50,10 +50,12 @@ def plan_forms(unit: P.Unit, h, group: int, linear, symmetric_only: bool | None 
     unit.forms["int8"], unit.errors["int8"] = int8, error**2
 
 
-def choose_forms(graph, units: list[P.Unit], cfg, ctx, notes):
+def choose_forms(graph, units: list[P.Unit], cfg, ctx, notes, plan_rows=None):
     """Each unit's form ({name: form}), the drift record and the plan record: a planned build
-    measures every unit's `fast` drift and searches the plan; a default build keeps its one form
-    per unit and measures its drift (with calibration text and `drift_tokens`)."""
+    measures every unit's `fast` drift and searches the plan, scoring plans on `plan_rows`
+    (calibration rows GPTQ did not fit: P.held_out); a default build keeps its one form per unit
+    and measures its drift (with calibration text and `drift_tokens`)."""
+    plan_rows = plan_rows or ctx.calibration
     default = {u.name: next(iter(u.forms)) for u in units}
     if not (cfg.drift_tokens and ctx.calibration and units):
         if cfg.planned:
@@ -66,15 +68,17 @@ def choose_forms(graph, units: list[P.Unit], cfg, ctx, notes):
     if cfg.planned:
         P.estimate_alternatives(units)
         target = cfg.budget * cfg.budget_margin
-        search = P.Probe(graph, ctx.calibration, P.PLAN_TOKENS)
+        search = P.Probe(graph, plan_rows, P.PLAN_TOKENS)
         chosen, plan_record = P.plan(units, search, target)
+        plan_record["held_out"] = plan_rows is not ctx.calibration
         forms = list(chosen.values())
         plan_record["forms"] = {f: forms.count(f) for f in ("fast", "exact", "int8")}
         plan_record["budget"] = cfg.budget
         notes.append(
             "plan: "
             + ", ".join(f"{n} {f}" for f, n in plan_record["forms"].items() if n)
-            + f" (calibration perplexity {plan_record['calibration_increase']:+.2%}, "
+            + f" ({'held-out ' if plan_record['held_out'] else ''}calibration perplexity "
+            f"{plan_record['calibration_increase']:+.2%}, "
             f"aiming at {target:+.2%} of a {cfg.budget:.1%} budget)"
         )
     layers = []

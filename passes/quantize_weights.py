@@ -91,7 +91,11 @@ class QuantizeWeights(Pass):
         linears = [n for n in graph.fx.nodes if _weight(graph, n) is not None]
         head, _ = lm_head(graph)
         notes: list[str] = []
-        stats = _Statistics(graph, linears, ctx.calibration, cfg) if cfg.calibrated else None
+        plan_rows, fitted = ctx.calibration, ctx.calibration
+        if cfg.planned and ctx.calibration:  # plans are scored on rows GPTQ does not fit
+            plan_rows, fitted = P.held_out(ctx.calibration, P.PLAN_TOKENS)
+            plan_rows = ctx.calibration if plan_rows is fitted else plan_rows
+        stats = _Statistics(graph, linears, fitted, cfg) if cfg.calibrated else None
         if cfg.method == "awq":
             notes += _apply_awq(graph, linears, stats, cfg, head)
         counts = {"quantized": 0, "int4": 0, "int8": 0, "fp32": 0, "embeddings": 0}
@@ -140,7 +144,7 @@ class QuantizeWeights(Pass):
                 notes.append(f"{layer_name(node)}: the lm_head keeps 8 bits")
             form = default_form(quant)
             unit.forms[form], unit.errors[form] = quant, error**2
-        chosen, drift, plan = choose_forms(graph, units, cfg, ctx, notes)
+        chosen, drift, plan = choose_forms(graph, units, cfg, ctx, notes, plan_rows)
         for unit in units:
             quant = unit.forms[chosen[unit.name]]
             _replace_linear(graph, unit.node, quant)

@@ -19,23 +19,28 @@ from llmc.compiler import quantize as Q
 DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare-dev.txt")
 
 
-def planned_graph(tiny_model, budget: float):
+def planned_graph(tiny_model, budget: float, model=None):
     from llmc.passes.quantize_weights import QuantConfig
     from tests.test_quantization import quantized_graph
 
-    return quantized_graph(tiny_model, "llama", QuantConfig("int4", budget=budget))
+    return quantized_graph(tiny_model, "llama", QuantConfig("int4", budget=budget), model)
 
 
 def test_a_tighter_budget_promotes_more_and_meets_its_target(tiny_model):
-    loose, reports = planned_graph(tiny_model, 0.5)
-    tight, _ = planned_graph(tiny_model, 0.01)
+    import copy
+
+    from tests.test_quantization import with_outliers
+
+    model = with_outliers(copy.deepcopy(tiny_model("llama")[0]))  # all-fast costs it much
+    loose, reports = planned_graph(tiny_model, 0.5, model)
+    tight, _ = planned_graph(tiny_model, 0.01, model)
     a, b = loose.quantization["plan"], tight.quantization["plan"]
     for plan in (a, b):
         assert sum(plan["forms"].values()) == reports["quantize_weights"].counts["quantized"]
         assert plan["calibration_increase"] <= plan["target"] or plan["forms"]["fast"] == 0
         searched = {s["promoted"]: s["increase"] for s in plan["search"][plan["chosen_order"]]}
         assert searched[plan["promoted"]] == plan["calibration_increase"]
-    assert b["promoted"] > a["promoted"]  # all-fast costs tiny:llama a few percent
+    assert b["promoted"] > a["promoted"]  # all-fast costs it a few percent
     assert searched[0] > b["target"]
     # the forms chosen are the ones in the graph: 8-bit nodes for the promoted, 4-bit for the rest
     bits = [n.args[4] for n in tight.fx.nodes if n.target is torch.ops.llmc.linear_nbits.default]
@@ -48,6 +53,15 @@ def test_a_tighter_budget_promotes_more_and_meets_its_target(tiny_model):
             assert node.args[5] == (P.INT8_GROUP if node.args[4] == 8 else 32)
         if node.target is torch.ops.llmc.embedding_nbits.default:
             assert node.args[4:6] == (8, P.INT8_GROUP)
+
+
+def test_plans_are_scored_on_calibration_rows_gptq_does_not_fit():
+    rows = [torch.arange(256) + 1000 * i for i in range(32)]  # the default 32 x 256
+    scored, fitted = P.held_out(rows, P.PLAN_TOKENS)
+    assert sum(len(r) for r in scored) == P.PLAN_TOKENS and len(fitted) == 24
+    assert not {int(r[0]) for r in scored} & {int(r[0]) for r in fitted}  # disjoint rows
+    scored, fitted = P.held_out(rows[:31], P.PLAN_TOKENS)  # GPTQ would keep under 3/4: no split
+    assert scored is fitted
 
 
 def test_drift_is_the_kl_of_quantizing_one_matmul(tiny_model):
@@ -172,7 +186,7 @@ def test_a_symmetric_only_target_plans_without_the_exact_grid(tmp_path):
     from tests.test_quantization import gridded_tiny_llama
 
     src = tmp_path / "gridded"
-    gridded_tiny_llama().save_pretrained(src)
+    gridded_tiny_llama(outliers=20).save_pretrained(src)
     tiny.build_tokenizer().save_pretrained(src)
     out = tmp_path / "a"
     args = ["build", str(src), "-t", "tensorrt", "-o", str(out), "--quant", "int4"]
