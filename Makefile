@@ -32,8 +32,8 @@ $(NATIVE)/llmc-run: $(STAMP) CMakeLists.txt native/llmc_run.cpp
 
 # Two workers: much of a test is single-threaded tracing and compiling, so the two cores overlap
 # (the whole suite: 19 min in one process, about 12 in two). Work is stolen file by file's tests.
-# `heavy` tests (SmolLM2 and tiny Mamba by AOTInductor, SmolLM2 int8 and int4 with their perplexity, SmolLM2's
-# TensorRT network over 128 tokens: minutes each; AOTInductor's reproducible-bytes build and the
+# `heavy` tests (SmolLM2 and tiny Mamba by AOTInductor, SmolLM2 int8 and int4 with their
+# perplexity, SmolLM2's TensorRT network over 128 tokens: minutes each; AOTInductor's reproducible-bytes build and the
 # quantized --compat builds in the vendors' runtimes, SmolLM2 on TVM: about a minute each) run with `make test-heavy`: CI's 20 minutes cannot hold them on a 2-core machine.
 test: $(STAMP) native
 	$(BIN)/python -m pytest -q -ra -n 2 --dist worksteal -m "not heavy"

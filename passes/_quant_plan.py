@@ -55,7 +55,7 @@ def choose_forms(graph, units: list[P.Unit], cfg, ctx, notes, plan_rows=None):
     measures every unit's `fast` drift and searches the plan, scoring plans on `plan_rows`
     (calibration rows GPTQ did not fit: P.held_out); a default build keeps its one form per unit
     and measures its drift (with calibration text and `drift_tokens`)."""
-    plan_rows = plan_rows or ctx.calibration
+    plan_rows = ctx.calibration if plan_rows is None else plan_rows
     default = {u.name: next(iter(u.forms)) for u in units}
     if not (cfg.drift_tokens and ctx.calibration and units):
         if cfg.planned:

@@ -91,10 +91,9 @@ class QuantizeWeights(Pass):
         linears = [n for n in graph.fx.nodes if _weight(graph, n) is not None]
         head, _ = lm_head(graph)
         notes: list[str] = []
-        plan_rows, fitted = ctx.calibration, ctx.calibration
+        plan_rows = fitted = ctx.calibration
         if cfg.planned and ctx.calibration:  # plans are scored on rows GPTQ does not fit
             plan_rows, fitted = P.held_out(ctx.calibration, P.PLAN_TOKENS)
-            plan_rows = ctx.calibration if plan_rows is fitted else plan_rows
         stats = _Statistics(graph, linears, fitted, cfg) if cfg.calibrated else None
         if cfg.method == "awq":
             notes += _apply_awq(graph, linears, stats, cfg, head)

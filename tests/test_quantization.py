@@ -260,10 +260,10 @@ def test_calibrated_methods_run_on_the_graph(method, tiny_model):
 
 
 def with_outliers(model, factor: float = 100.0):
-    """`model` with one weight of every group of 32 input channels of its projections made 100x
-    larger: a 4-bit grid then has little room for the rest, so that quantizing costs a random
-    tiny model's perplexity something (without them all-fast moves it by under 1%, either way)
-    and a plan promotes."""
+    """`model` with one weight of every group of 32 input channels of its projections made
+    `factor` times larger: a 4-bit grid then has little room for the rest, so that quantizing
+    costs a random tiny model's perplexity something (without them all-fast moves it by under
+    1%, either way) and a plan promotes."""
     with torch.no_grad():
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
