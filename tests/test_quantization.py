@@ -415,6 +415,63 @@ def _feeds(model, ids):
     return {k: v for k, v in feeds.items() if k in model.inputs}
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_in_graph_correction_matches_the_rescorer_at_either_width(bits, tmp_path):
+    """A symmetric lm_head of 4 or 8 bits (a precision plan may give it 4) is corrected inside
+    the session: on a lone MatMulNBits lm_head at accuracy level 4, the in-graph logits equal
+    the fast kernel's with the numpy rescorer's exact top values put in, over several rows and
+    positions, and they do differ from the fast kernel's own."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llmc.targets.onnx.rescore import TOP, LmHeadRescorer
+
+    rng = np.random.default_rng(bits)
+    n, k, block = 512, 64, 32
+    codes = rng.integers(0, 256, (n, k // block, block * bits // 8), dtype=np.uint8)
+    scales = rng.uniform(0.01, 0.05, n * k // block).astype(np.float32)
+    head = helper.make_node(
+        "MatMulNBits",
+        ["h", "codes", "scales"],
+        ["logits"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block,
+        accuracy_level=4,
+    )
+    graph = helper.make_graph(
+        [head],
+        "lm_head",
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, [None, None, k])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, None, n])],
+        [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(scales, "scales")],
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    models = [helper.make_model(graph, opset_imports=opsets) for _ in range(2)]
+    in_graph = LmHeadRescorer.attach(models[0], tmp_path, n, in_graph=True)
+    python = LmHeadRescorer.attach(models[1], tmp_path, n, in_graph=False)
+    assert in_graph.in_graph and not python.in_graph and in_graph.bits == bits
+
+    def session(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    h = rng.standard_normal((3, 2, k)).astype(np.float32)
+    (corrected,) = session(models[0]).run(["logits"], {"h": h})
+    fast, hidden = session(models[1]).run(["logits", python.output], {"h": h})
+    expected = fast.copy()
+    for row in range(3):
+        python(expected[row], hidden[row])  # [positions, V] rows, each its own top TOP
+    assert np.allclose(corrected, expected, atol=1e-5)
+    assert not np.allclose(corrected, fast, atol=1e-5)
+    w = python.rows(np.arange(n))  # the rescorer's exact values: the dequantized rows
+    top = np.argsort(fast[0, 0])[-TOP:]
+    assert np.allclose(corrected[0, 0, top], w[top] @ h[0, 0], atol=1e-4)
+    assert onnx.checker.check_model(models[0]) is None
+
+
 def test_largest_finds_the_values_argpartition_finds():
     from llmc.targets.onnx.rescore import largest
 

@@ -6,18 +6,21 @@ near-tied candidates, so a quantized artifact's greedy text left its exact numbe
 tokens; the exact kernel (level 0) on the lm_head costs 5x a whole decode step, because it
 dequantizes all 28 M weights each call. Instead the `TOP` largest logits are recomputed from the
 dequantized rows of those candidates only (16 x hidden multiply-adds): greedy and top-k sampling
-then see the exact values where they decide. Where it can (an 8-bit symmetric lm_head writing the
-graph's logits: every quantized build here), the session does this itself with nodes appended at
-load (`correct_in_graph`), for every row and position in one call; elsewhere it also returns the
-lm_head's input and `LmHeadRescorer` does it in numpy, row by row, from the model's initializers
-in onnxruntime's MatMulNBits layout. On SmolLM2 int8 the in-graph form makes an 8-row decode step
-7-8% faster than numpy's per-row loop, and one row about as fast (within this machine's noise).
+then see the exact values where they decide. Where it can (a symmetric 8- or 4-bit lm_head writing
+the graph's logits: the 8 bits of every --quant build, the 4 a precision plan may choose), the
+session does this itself with nodes appended at load (`correct_in_graph`), for every row and
+position in one call; elsewhere it also returns the lm_head's input and `LmHeadRescorer` does it
+in numpy, row by row, from the model's initializers in onnxruntime's MatMulNBits layout. On
+SmolLM2 int8 the in-graph form makes an 8-row decode step 7-8% faster than numpy's per-row loop;
+on one row, the numpy rescorer took 4% of the 3% plan's decode time (4-bit lm_head, sampled with
+py-spy), and the in-graph form decodes 1.10x faster (median of 12 interleaved pairs).
 
-The fast session's lm_head stays at the artifact's 8 bits. A 4-bit copy made at load would take
-a twentieth off a SmolLM2 decode step and keep greedy text (the exact best logit ranked at most
-7th among its logits over 800 steps), but the logits outside the rescored ones then err by 0.8 in
-standard deviation, and the sampling distribution moved by 4.9% in total variation (median over
-steps; 0.4% at 8 bits), so it is not done.
+The fast session's lm_head keeps the artifact's bits. A 4-bit copy of an 8-bit one made at load
+would take a twentieth off a SmolLM2 decode step and keep greedy text (the exact best logit ranked
+at most 7th among its logits over 800 steps), but the logits outside the rescored ones then err by
+0.8 in standard deviation, and the sampling distribution moved by 4.9% in total variation (median
+over steps; 0.4% at 8 bits), so it is not done (a plan gives the lm_head 4 bits only where its
+perplexity budget allows).
 """
 
 from __future__ import annotations
@@ -133,23 +136,24 @@ def correct_in_graph(model, head, rescorer: LmHeadRescorer) -> bool:
     the lm_head's own codes (GatherBlockQuantized, the embedding's op), multiplied by the
     lm_head's input, and scattered back, at every row and position the graph computes, in the
     same call (the numpy rescorer loops over rows: an 8-row SmolLM2 int8 decode step is 7-8%
-    faster this way; one row costs the same within noise). It applies where the lm_head writes
-    the graph's `logits` itself, with 8-bit symmetric codes in whole blocks and no bias; False
-    (nothing changed) elsewhere."""
+    faster this way). It applies where the lm_head writes the graph's `logits` itself, with
+    symmetric 4- or 8-bit codes (no zero points) in whole blocks and no bias; False (nothing
+    changed) elsewhere."""
     from onnx import helper, numpy_helper
 
     r = rescorer
     if (
         head.output[0] != "logits"
-        or r.bits != 8
+        or r.bits not in (4, 8)
         or r.zeros is not None
         or r.bias is not None
-        or r.k % r.block  # 8-bit codes in whole blocks: [N, K] as they are
+        or r.k % r.block  # codes in whole blocks: [N, K * bits / 8] as they are
     ):
         return False
     n, name = r.codes.shape[0], head.name or "lm_head"
     fast, top, rows = "logits__fast", name + "__top", name + "__rows"
-    shape = numpy_helper.from_array(np.array([n, r.k], np.int64), name + "__codes_2d")
+    width = r.k * r.bits // 8  # bytes per row: 4-bit codes two a byte, low nibble first in both
+    shape = numpy_helper.from_array(np.array([n, width], np.int64), name + "__codes_2d")
     scales = numpy_helper.from_array(np.array([n, r.k // r.block], np.int64), name + "__scales_2d")
     k = numpy_helper.from_array(np.array([TOP], np.int64), name + "__k")
     last = numpy_helper.from_array(np.array([-1], np.int64), name + "__last")
@@ -166,7 +170,7 @@ def correct_in_graph(model, head, rescorer: LmHeadRescorer) -> bool:
                 [name + "__codes", top, name + "__scales"],
                 [rows],  # [B, P, TOP, K]
                 domain=ms,
-                bits=8,
+                bits=r.bits,  # no zero points: the midpoint, as MatMulNBits
                 block_size=r.block,
                 quantize_axis=1,
                 gather_axis=0,
