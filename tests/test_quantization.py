@@ -425,7 +425,7 @@ def test_in_graph_correction_matches_the_rescorer_at_either_width(bits, tmp_path
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from llmc.targets.onnx.rescore import TOP, LmHeadRescorer
+    from llmc.targets.onnx.rescore import TOP, LmHeadRescorer, rescore_positions
 
     rng = np.random.default_rng(bits)
     n, k, block = 512, 64, 32
@@ -462,8 +462,7 @@ def test_in_graph_correction_matches_the_rescorer_at_either_width(bits, tmp_path
     (corrected,) = session(models[0]).run(["logits"], {"h": h})
     fast, hidden = session(models[1]).run(["logits", python.output], {"h": h})
     expected = fast.copy()
-    for row in range(3):
-        python(expected[row], hidden[row])  # [positions, V] rows, each its own top TOP
+    rescore_positions(python, expected, hidden)  # every row and position, its own top TOP
     assert np.allclose(corrected, expected, atol=1e-5)
     assert not np.allclose(corrected, fast, atol=1e-5)
     w = python.rows(np.arange(n))  # the rescorer's exact values: the dequantized rows
