@@ -471,6 +471,49 @@ def test_in_graph_correction_matches_the_rescorer_at_either_width(bits, tmp_path
     assert onnx.checker.check_model(models[0]) is None
 
 
+def test_a_group_per_row_of_no_power_of_two_gets_blocks_onnxruntime_takes():
+    """`--group-size 0` on a hidden size like SmolLM2's 576: the 8-bit embedding table and the
+    lm_head that shares it get blocks of 64 (their one scale per row repeated), so onnxruntime
+    loads them and computes the llmc grid's numbers, and the tied table is still stored once."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llmc.targets.onnx import layouts
+
+    rng = np.random.default_rng(0)
+    n, k = 40, 576
+    codes = rng.integers(0, 256, (n, k), dtype=np.uint8)
+    scales = rng.uniform(0.01, 0.05, (n, 1)).astype(np.float32)
+    table = (codes.astype(np.float32) - 128) * scales  # symmetric: the midpoint is zero
+    ms = "com.microsoft"
+    nodes = [
+        helper.make_node("GatherBlockQuantized", ["codes", "ids", "scales"], ["e"], domain=ms,
+                         bits=8, block_size=k, gather_axis=0, quantize_axis=1),
+        helper.make_node("MatMulNBits", ["e", "head_codes", "head_scales"], ["logits"], domain=ms,
+                         K=k, N=n, bits=8, block_size=k, accuracy_level=0),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(scales, "scales"),
+         numpy_helper.from_array(codes.copy(), "head_codes"),
+         numpy_helper.from_array(scales.copy(), "head_scales")],
+    )  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ms, 1)]
+    )
+    assert layouts.apply(model) == 1
+    blocks = {a.i for node in model.graph.node for a in node.attribute if a.name == "block_size"}
+    assert blocks == {64}
+    assert sum(t.data_type == TensorProto.UINT8 for t in model.graph.initializer) == 1  # once
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([3, 0, 39])
+    (logits,) = session.run(["logits"], {"ids": ids})
+    assert np.allclose(logits, table[ids] @ table.T, rtol=1e-4, atol=1e-3)
+
+
 def test_largest_finds_the_values_argpartition_finds():
     from llmc.targets.onnx.rescore import largest
 

@@ -51,6 +51,33 @@ def _unshare(model, inits: dict) -> None:
                 users[name] -= 1
 
 
+def _reblock(model, inits: dict) -> None:
+    """Give every quantized node a block size onnxruntime takes (`_block`): a group of another
+    size (one per row: K = 576 on SmolLM2) has its scales and zero points repeated over the
+    blocks it spans, in llmc's [N, K/group] layout. A tensor two nodes share (a tied table's
+    scales) is repeated once."""
+    from onnx import numpy_helper
+
+    repeated: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
+        size = next(a for a in node.attribute if a.name == "block_size")
+        group = size.i
+        block = _block(group, group)
+        if block == group:
+            continue
+        for name in (n for n in node.input[2:4] if n):  # scales, zero points: both ops
+            if name not in repeated:
+                array = numpy_helper.to_array(inits[name])
+                repeat = np.repeat(array, group // block, axis=1)
+                inits[name].CopyFrom(numpy_helper.from_array(repeat, name))
+                repeated[name] = group // block
+            elif repeated[name] != group // block:
+                raise ValueError(f"initializer {name} is shared by nodes of two block sizes")
+        size.i = block
+
+
 def _reshape_tied_table(model, inits: dict) -> None:
     """Store a tied 8-bit table once. The quantization pass gives the embedding and the lm_head
     their own codes; for a tied table without zero points they are equal, and MatMulNBits'
@@ -108,6 +135,7 @@ def apply(model) -> int:
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
+    _reblock(model, inits)
     _reshape_tied_table(model, inits)
     _unshare(model, inits)
 
