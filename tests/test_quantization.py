@@ -416,7 +416,8 @@ def _feeds(model, ids):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_in_graph_correction_matches_the_rescorer_at_either_width(bits, tmp_path):
+@pytest.mark.parametrize("vocab", [512, 2048])  # one TopK; two stages over chunks of the row
+def test_in_graph_correction_matches_the_rescorer_at_either_width(bits, vocab, tmp_path):
     """A symmetric lm_head of 4 or 8 bits (a precision plan may give it 4) is corrected inside
     the session: on a lone MatMulNBits lm_head at accuracy level 4, the in-graph logits equal
     the fast kernel's with the numpy rescorer's exact top values put in, over several rows and
@@ -428,7 +429,7 @@ def test_in_graph_correction_matches_the_rescorer_at_either_width(bits, tmp_path
     from llmc.targets.onnx.rescore import TOP, LmHeadRescorer, rescore_positions
 
     rng = np.random.default_rng(bits)
-    n, k, block = 512, 64, 32
+    n, k, block = vocab, 64, 32
     codes = rng.integers(0, 256, (n, k // block, block * bits // 8), dtype=np.uint8)
     scales = rng.uniform(0.01, 0.05, n * k // block).astype(np.float32)
     head = helper.make_node(
@@ -512,6 +513,50 @@ def test_a_group_per_row_of_no_power_of_two_gets_blocks_onnxruntime_takes():
     ids = np.array([3, 0, 39])
     (logits,) = session.run(["logits"], {"ids": ids})
     assert np.allclose(logits, table[ids] @ table.T, rtol=1e-4, atol=1e-3)
+
+
+def test_two_stage_top_indices_find_the_largest_values_wherever_they_lie():
+    """The graph's top-TOP indices through chunk maxima are TopK's set: with the largest values
+    spread over the row, all in one chunk, on chunk edges, or in a row of equal maxima
+    elsewhere; a vocabulary that does not split into chunks keeps one TopK."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llmc.targets.onnx.rescore import CHUNK, TOP, _top_indices
+
+    def session(n):
+        graph = helper.make_graph(
+            [],
+            "top",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, n])],
+            [helper.make_tensor_value_info("top", TensorProto.INT64, None)],
+            [numpy_helper.from_array(np.array([TOP], np.int64), "k"),
+             numpy_helper.from_array(np.array([-1], np.int64), "last")],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        nodes = _top_indices(model, "x", "top", n, "k", "last")
+        model.graph.node.extend(nodes)
+        return len(nodes), ort.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+
+    n = CHUNK * 40
+    count, two_stage = session(n)
+    assert count > 1 and session(n + 8)[0] == 1  # 40 chunks; a row of n + 8 does not split
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, n)).astype(np.float32)
+    x[1, 0, 5 * CHUNK : 5 * CHUNK + TOP] += 10  # all in one chunk
+    x[1, 1, np.arange(TOP) * CHUNK + CHUNK - 1] += 10  # the last of TOP chunks
+    x[1, 2, -TOP:] += 10  # the row's end
+    x[2] = np.sort(x[2], axis=-1)  # ascending: the largest all in the last chunks
+    x[3, :, ::CHUNK] = 50  # one equal maximum per chunk, the top TOP elsewhere
+    x[3, :, 7 : 7 + TOP] = 60
+    (got,) = two_stage.run(["top"], {"x": x})
+    assert got.shape == (4, 3, TOP)
+    for b in range(4):
+        for p in range(3):
+            want = np.argpartition(x[b, p], -TOP)[-TOP:]
+            assert set(got[b, p].tolist()) == set(want.tolist()), (b, p)
 
 
 def test_largest_finds_the_values_argpartition_finds():
