@@ -169,10 +169,9 @@ class Generator:
             new = [[int(t)] for t in sampler(logits, rows.history)]
             while True:
                 yield rows.take(new)
-                if rows.done.all():
+                if all(rows.done):
                     return
-                last = np.array([h[-1] for h in rows.history])
-                last[rows.done] = pad
+                last = rows.last(pad)
                 ks = []  # tokens to draft per row (none without a drafter)
                 if drafter and not clock.uncalibrated():  # else a plain step: the clock's unit
                     room = self.model.max_context - int(seq.lengths.max()) - 1
@@ -180,16 +179,16 @@ class Generator:
                           for b, p in enumerate(policies)]  # fmt: skip
                 started = time.perf_counter()
                 drafts = drafter.propose(rows.history, ks, sampler) if any(ks) else []
-                if not any(len(d.tokens) for d in drafts):
-                    logits = seq.decode(last[:, None])
+                if not drafts or not any(len(d.tokens) for d in drafts):
+                    logits = seq.step(last)
                     if clock:
                         clock.plain(time.perf_counter() - started)
                     picked = sampler(logits, rows.history).tolist()
                     new = [[] if d else [t] for d, t in zip(rows.done, picked, strict=True)]
-                    for b in np.flatnonzero(~rows.done):
-                        stats[b].steps += 1
-                    if drafter and rows.done.any():  # finished rows must not outgrow the rest
-                        seq.truncate(seq.lengths - rows.done)
+                    for row, done in zip(stats, rows.done, strict=True):
+                        row.steps += not done
+                    if drafter and any(rows.done):  # finished rows must not outgrow the rest
+                        seq.truncate(seq.lengths - np.array(rows.done))
                     continue
                 new = _verify(seq, drafts, last, rows, sampler, policies, stats)
                 drafter.commit([max(len(kept) - 1, 0) for kept in new])
@@ -306,22 +305,30 @@ def _verify(seq, drafts, last, rows, sampler, policies, stats) -> list[list[int]
         stats[b].drafted += len(d.tokens)
         stats[b].accepted += len(kept) - 1
         policies[b].update(len(d.tokens), len(kept) - 1)
-    seq.truncate(np.where(rows.done, held, held + 1 + accepted))  # finished rows: no growth
+    done = np.array(rows.done)
+    seq.truncate(np.where(done, held, held + 1 + accepted))  # finished rows: no growth
     return new
 
 
 class _Rows:
-    """Each row's tokens so far and whether it finished (end-of-sequence or its budget)."""
+    """Each row's tokens so far and whether it finished (end-of-sequence or its budget). The
+    counts are Python lists, not arrays: a decode step reads them on caches the model's weights
+    have just swept, where each small numpy operation costs tens of microseconds."""
 
     def __init__(self, prompts: list[list[int]], config: GenerationConfig, budget: int, tok):
         self.history = [np.asarray(p, dtype=np.int64) for p in prompts]
-        self.produced = np.zeros(len(prompts), np.int64)
-        self.done = np.zeros(len(prompts), bool)
+        self.produced = [0] * len(prompts)
+        self.done = [False] * len(prompts)
         self.budget = budget
         self.eos = set() if config.ignore_eos else set(tok.eos_token_ids)
 
     def left(self, row: int) -> int:
-        return self.budget - int(self.produced[row])
+        return self.budget - self.produced[row]
+
+    def last(self, pad: int) -> np.ndarray:
+        """Each row's last token, `pad` for finished rows [B]."""
+        pairs = zip(self.done, self.history, strict=True)
+        return np.array([pad if done else h[-1] for done, h in pairs], np.int64)
 
     def take(self, new: list[list[int]]) -> list[list[int]]:
         """Keep each row's new tokens up to an end-of-sequence token and its budget."""
@@ -335,7 +342,7 @@ class _Rows:
                     break
             self.history[b] = np.concatenate([self.history[b], np.asarray(tokens, np.int64)])
             self.produced[b] += len(tokens)
-            self.done[b] |= self.produced[b] >= self.budget
+            self.done[b] = self.done[b] or self.produced[b] >= self.budget
             kept.append(tokens)
         return kept
 

@@ -92,6 +92,8 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: list[np.ndarray]) -> np.ndarray:
         """logits [B, V], history: per row the ids seen so far -> next ids [B]."""
+        if self.greedy and self.params.repetition_penalty == 1.0:
+            return np.argmax(logits, axis=-1)  # every row at once: a step's hot path
         out = np.empty(logits.shape[0], dtype=np.int64)
         for row, (row_logits, seen) in enumerate(zip(logits, history, strict=False)):
             out[row] = self.pick(row_logits, seen)

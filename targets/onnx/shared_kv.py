@@ -135,7 +135,10 @@ class SharedKVSequence(Sequence):
             rescore(out[:, 0], bound.hidden[np.arange(n), picked])
         return out
 
-    def _decode(self, ids: np.ndarray) -> np.ndarray:
+    def step(self, last: np.ndarray) -> np.ndarray:
+        return self._decode(last[:, None], copy=False)
+
+    def _decode(self, ids: np.ndarray, copy: bool = True) -> np.ndarray:
         m = self.model
         check_context(int(self._held.max()) + 1, m.max_context)
         self._reserve(len(ids), int(self._held.max()) + 1)
@@ -146,9 +149,15 @@ class SharedKVSequence(Sequence):
         bound.positions[:, 0] = self._held
         bound.seqlens[:] = self._held  # the row's length after this step, minus one
         self._bind_mask(bound)
-        m.run(m.decode_session, bound.binding)
+        # Counted before the run: after it, the first numpy operation costs ~80 us (the weights
+        # have swept numpy's code and data out of the caches), the view kept in `bound` nothing.
         self._held += 1
-        out = bound.logits[:, -1].copy()
+        try:
+            m.run(m.decode_session, bound.binding)
+        except BaseException:
+            self._held -= 1
+            raise
+        out = bound.last.copy() if copy else bound.last
         if m.rescore:
             m.rescore(out, bound.hidden[:, -1])
         return out
@@ -283,3 +292,6 @@ class _Bound:
     logits: np.ndarray  # [B, S or 1, V]
     hidden: np.ndarray | None  # [B, 1, k]: the lm_head's input, for the rescorer
     mask: np.ndarray | None = None  # [B, T] int64, for a graph that takes attention_mask
+
+    def __post_init__(self):
+        self.last = self.logits[:, -1]  # [B, V], the view a decode step returns
