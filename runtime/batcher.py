@@ -220,7 +220,7 @@ class Batcher:
         last = np.array([[row.history[-1]] for row in rows])
         drafts = self._drafts() if self._clock and not self._clock.uncalibrated() else None
         if not drafts:
-            logits = self._seq.decode(last)
+            logits = self._seq.step(last[:, 0])  # read once, before the next step
             if self._clock:
                 self._clock.plain(time.perf_counter() - started)
             for row, row_logits in zip(rows, logits, strict=True):

@@ -243,9 +243,15 @@ class PagedSequence(BaseSequence):
             raise SessionError("a padded prompt gives the logits of its last position only.")
         return self._run([(b, ids[b][mask[b] == 1]) for b in range(ids.shape[0])], True)
 
-    def _run(self, spans: list[tuple[int, np.ndarray]], last_only: bool) -> np.ndarray:
+    def step(self, last: np.ndarray) -> np.ndarray:
+        return self._run(list(enumerate(last[:, None])), True, copy=False)[:, 0]
+
+    def _run(
+        self, spans: list[tuple[int, np.ndarray]], last_only: bool, copy: bool = True
+    ) -> np.ndarray:
         """One step: each (row, new tokens) after what the row holds -> logits [rows, 1 or S, V]
-        of those rows in span order (S: the rows' common number of new tokens)."""
+        of those rows in span order (S: the rows' common number of new tokens); without `copy`,
+        a view of the request's output, valid until its next step."""
         counts = np.array([len(t) for _, t in spans], np.int64)
         past = np.array([self._held[r] for r, _ in spans], np.int64)
         ends = past + counts
@@ -276,9 +282,15 @@ class PagedSequence(BaseSequence):
                 self._single = self.model.decoder(1).create_infer_request()
                 self._pool.attach(self._single)
             request = self._single
-        request.infer(feeds, share_inputs=True)
+        held = self._held.copy()
         for (row, _), end in zip(spans, ends, strict=True):
-            self._held[row] = end
+            self._held[row] = end  # before the run: numpy is warm here (see Sequence.step)
+        try:
+            request.infer(feeds, share_inputs=True)
+        except BaseException:
+            self._held = held
+            raise
         logits = request.get_tensor("logits").data[0]  # [n, V]
         per_row = 1 if last_only else int(counts[0])
-        return logits.reshape(len(spans), per_row, -1).copy()
+        logits = logits.reshape(len(spans), per_row, -1)
+        return logits.copy() if copy else logits
