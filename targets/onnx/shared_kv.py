@@ -104,12 +104,14 @@ class SharedKVSequence(Sequence):
             return self._prompts(rows, first, sess, rescore)
         out = np.empty((len(rows), 1 if last_only else width, m.vocab_size), np.float32)
         for b, row in enumerate(rows):
-            pieces = []
             for at in range(0, len(row), chunk):
                 piece = row[None, at : at + chunk]
                 start, slot = int(starts[b]) + at, first + b
-                pieces.append(self._run(piece, start, slot, last_only, sess, rescore))
-            out[b] = pieces[-1][0, -1:] if last_only else np.concatenate([p[0] for p in pieces])
+                logits = self._run(piece, start, slot, last_only, sess, rescore)
+                if not last_only:  # copied once, before a later piece's run reuses the binding
+                    out[b, at : at + piece.shape[1]] = logits[0]
+            if last_only:
+                out[b] = logits[0, -1:]
         return out
 
     def _prompts(self, rows: list[np.ndarray], first: int, sess, rescore) -> np.ndarray:
@@ -218,7 +220,7 @@ class SharedKVSequence(Sequence):
 
     def _run(self, ids, start: int, row: int, last_only: bool, sess, rescore) -> np.ndarray:
         """One step of `ids` [1, S] of row `row` after `start` cached tokens -> logits
-        [1, 1 or S, V]."""
+        [1, 1 or S, V]: a view of the binding's output (a short step's binding is reused)."""
         s = ids.shape[1]
         key = (row, s, last_only, sess is self.model.decode_session)
         bound = self._bound.get(key)  # a short step's binding is kept and refilled
@@ -237,7 +239,7 @@ class SharedKVSequence(Sequence):
         self.model.run(sess, bound.binding)
         if rescore:
             rescore_positions(rescore, bound.logits, bound.hidden)
-        return (bound.logits[:, -1:] if last_only else bound.logits).copy()
+        return bound.logits[:, -1:] if last_only else bound.logits  # valid until its next run
 
     def _bind_decode(self, batch: int):
         """The decode binding: its inputs are arrays the caller fills in place each step."""
