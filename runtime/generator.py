@@ -174,9 +174,11 @@ class Generator:
                 last = rows.last(pad)
                 ks = []  # tokens to draft per row (none without a drafter)
                 if drafter and not clock.uncalibrated():  # else a plain step: the clock's unit
-                    room = self.model.max_context - int(seq.lengths.max()) - 1
-                    ks = [0 if rows.done[b] else min(p.choose(), rows.left(b) - 1, room)
+                    ks = [0 if rows.done[b] else min(p.choose(), rows.left(b) - 1)
                           for b, p in enumerate(policies)]  # fmt: skip
+                    if any(ks):
+                        room = self.model.max_context - int(seq.lengths.max()) - 1
+                        ks = [min(k, room) for k in ks]
                 started = time.perf_counter()
                 drafts = drafter.propose(rows.history, ks, sampler) if any(ks) else []
                 if not drafts or not any(len(d.tokens) for d in drafts):

@@ -282,6 +282,7 @@ class StepClock:
     def _add(self, k: int, r: float) -> None:
         self._sums = self.decay * self._sums + np.array([1, k, k * k, r, k * r])
         self._fit: tuple[float, float] | None = None
+        self._costs: list[float] = []
 
     def plain(self, seconds: float) -> None:
         self.decode = seconds if self.decode is None else 0.8 * self.decode + 0.2 * seconds
@@ -295,6 +296,13 @@ class StepClock:
     def uncalibrated(self) -> bool:
         """Whether a plain step is due: no decode step has been timed after 4 verifications."""
         return self.decode is None and self._blind >= 4
+
+    def costs(self, limit: int) -> list[float]:
+        """`cost` of 0..limit drafted tokens as a list, kept until the next speculative step
+        changes the fit: a plain step's choice reads it in pure Python."""
+        if len(self._costs) != limit + 1:
+            self._costs = self.cost(np.arange(limit + 1)).tolist()
+        return self._costs
 
     def cost(self, ks: np.ndarray) -> np.ndarray:
         """Decode steps a step drafting each of `ks` tokens costs (k = 0: a decode step)."""
@@ -328,12 +336,19 @@ class DraftPolicy:
         return self.accepted / (self.accepted + self.rejected)
 
     def choose(self) -> int:
+        """In pure Python: it runs before every step, where numpy's first calls after a model
+        step cost tens of microseconds each (Sequence.step)."""
         a = min(self.rate, 0.999)
-        ks = np.arange(self.limit + 1)
-        k = int(np.argmax((1 - a ** (ks + 1)) / (1 - a) / self.clock.cost(ks)))
+        costs = self.clock.costs(self.limit)
+        k, best, expected, power = 0, 0.0, 0.0, 1.0
+        for n, cost in enumerate(costs):  # expected tokens: 1 + a + ... + a^n
+            expected += power
+            power *= a
+            if expected / cost > best:
+                k, best = n, expected / cost
         if k == 0:
             self.idle += 1
-            if self.idle >= self.probe * self.clock.cost(np.array([1]))[0]:  # dearer: rarer
+            if self.idle >= self.probe * costs[1 if len(costs) > 1 else 0]:  # dearer: rarer
                 self.idle, k = 0, 1
         return k
 
