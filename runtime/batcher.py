@@ -220,7 +220,9 @@ class Batcher:
         last = np.array([[row.history[-1]] for row in rows])
         drafts = self._drafts() if self._clock and not self._clock.uncalibrated() else None
         if not drafts:
-            logits = self._seq.step(last[:, 0])  # read once, before the next step
+            # decode(), not step(): on OpenVINO the server's 8-client throughput was 4-7% lower
+            # with the step's view of the request's output (6 alternating runs); not understood
+            logits = self._seq.decode(last)
             if self._clock:
                 self._clock.plain(time.perf_counter() - started)
             for row, row_logits in zip(rows, logits, strict=True):
