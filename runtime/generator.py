@@ -181,7 +181,7 @@ class Generator:
                         ks = [min(k, room) for k in ks]
                 started = time.perf_counter()
                 drafts = drafter.propose(rows.history, ks, sampler) if any(ks) else []
-                if not drafts or not any(len(d.tokens) for d in drafts):
+                if not any(len(d.tokens) for d in drafts):
                     logits = seq.step(last)
                     if clock:
                         clock.plain(time.perf_counter() - started)

@@ -14,7 +14,7 @@ import numpy as np
 from llmc import quant_layout
 
 
-def _block(k: int, group: int) -> int:
+def _block(group: int) -> int:
     if group & (group - 1) == 0 and 16 <= group <= 256:
         return group
     for b in (256, 128, 64, 32, 16):
@@ -64,7 +64,7 @@ def _reblock(model, inits: dict) -> None:
             continue
         size = next(a for a in node.attribute if a.name == "block_size")
         group = size.i
-        block = _block(group, group)
+        block = _block(group)
         if block == group:
             continue
         for name in (n for n in node.input[2:4] if n):  # scales, zero points: both ops
@@ -99,7 +99,7 @@ def _reshape_tied_table(model, inits: dict) -> None:
     heads = []  # (codes, scales, block) of each 8-bit lm_head-like matmul onnxruntime keeps as is
     for node in model.graph.node:
         a = plain_8bit(node, "MatMulNBits")
-        if a and _block(a["K"], a["block_size"]) == a["block_size"]:
+        if a:  # its block is onnxruntime's already (_reblock)
             heads.append((node.input[1], node.input[2], a["block_size"]))
     reshapes = []
     for node in model.graph.node:
@@ -156,18 +156,13 @@ def apply(model) -> int:
         if node.op_type == "MatMulNBits":
             names = list(node.input) + [""] * (6 - len(node.input))
             codes, scales, zeros = get(names[1]), get(names[2]), get(names[3])
-            bits, k, group = attrs["bits"], attrs["K"], attrs["block_size"]
-            block = _block(k, group)
-            repeat = group // block
+            bits, k, block = attrs["bits"], attrs["K"], attrs["block_size"]  # _reblock's
             n = codes.shape[0]
             put(names[1], codes.reshape(n, k // block, quant_layout.packed_width(block, bits)))
-            put(names[2], np.repeat(scales, repeat, axis=1).reshape(-1))
+            put(names[2], scales.reshape(-1))
             if zeros is not None:
-                z = _uint8_zeros(np.repeat(zeros, repeat, axis=1))
+                z = _uint8_zeros(zeros)
                 put(names[3], (quant_layout.pack_nibbles(z) if bits == 4 else z).reshape(-1))
-            for a in node.attribute:
-                if a.name == "block_size":
-                    a.i = block
             done += 1
         elif node.op_type == "GatherBlockQuantized" and len(node.input) > 3 and node.input[3]:
             put(node.input[3], _uint8_zeros(get(node.input[3])))
