@@ -88,11 +88,12 @@ class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
         self.greedy = params.temperature == 0
+        self.greedy_plain = self.greedy and params.repetition_penalty == 1.0  # argmax alone
         self._rng = np.random.default_rng(params.seed)
 
     def __call__(self, logits: np.ndarray, history: list[np.ndarray]) -> np.ndarray:
         """logits [B, V], history: per row the ids seen so far -> next ids [B]."""
-        if self.greedy and self.params.repetition_penalty == 1.0:
+        if self.greedy_plain:
             return np.argmax(logits, axis=-1)  # every row at once: a step's hot path
         out = np.empty(logits.shape[0], dtype=np.int64)
         for row, (row_logits, seen) in enumerate(zip(logits, history, strict=False)):
