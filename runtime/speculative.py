@@ -34,6 +34,9 @@ MAX_DRAFT = 15  # a verification step of 16 tokens at most runs on the decode ke
 # Prompt lookup weighs the latest CANDIDATES occurrences of an n-gram by how many of the CONTEXT
 # tokens before each agree with the text's own (PromptLookup).
 CANDIDATES, CONTEXT = 64, 32
+# ... and drafts past where another occurrence continues differently only if its context agrees
+# RIVAL tokens longer than that one's (_contested).
+RIVAL = 4
 
 
 @dataclass
@@ -103,12 +106,32 @@ class PromptLookup:
                 at = np.array(starts[-CANDIDATES:], np.int64)[::-1]  # latest first
                 room = np.minimum(k, size - at - n)
                 agree = _context(history, at, size - n)
-                best = at[np.lexsort((-agree, -room))[0]]  # the longest, then best agreeing
-                return history[best + n : best + n + k].copy()
+                best = np.lexsort((-agree, -room))[0]  # the longest, then best agreeing
+                draft = history[at[best] + n : at[best] + n + k]
+                return draft[: _contested(history, at + n, room, agree, best, draft)].copy()
         return np.zeros(0, np.int64)
 
     def commit(self, accepted: list[int]) -> None:
         pass
+
+
+def _contested(history, starts, room, agree, best: int, draft: np.ndarray) -> int:
+    """How much of `draft` (what follows the chosen occurrence, `best` of `starts`) to propose:
+    all of it, unless another occurrence whose context agrees about as long (within RIVAL
+    tokens) continues differently; then up to where the first such one parts from it, plus one
+    token. Where a short n-gram recurs with several continuations (a line that begins like many
+    others), the choice is a guess: a one-token draft costs little if it is wrong, where a full
+    one costs a long verification step for nothing."""
+    rivals = np.flatnonzero(agree + RIVAL > agree[best])
+    rivals = rivals[rivals != best]
+    if not len(rivals) or not len(draft):
+        return len(draft)
+    width = len(draft)
+    offsets = np.arange(width)
+    theirs = history[np.minimum(starts[rivals, None] + offsets, len(history) - 1)]
+    differs = (theirs != draft) & (offsets < room[rivals, None])
+    parted = np.where(differs.any(axis=1), differs.argmax(axis=1), width)
+    return int(parted.min())
 
 
 def _context(history: np.ndarray, starts: np.ndarray, end: int) -> np.ndarray:

@@ -190,16 +190,23 @@ def test_sampled_speculative_tokens_follow_the_model(tiny_artifact, monkeypatch)
 
 def test_prompt_lookup_drafts_what_followed_the_last_ngram():
     lookup = PromptLookup(max_ngram=3, min_ngram=2)
-    # [1, 2] is followed by 3, 4, 5 first and by 3, 8, 1 later: the latest full one wins
-    assert lookup.lookup(np.array([7, 1, 2, 3, 4, 5, 9, 1, 2, 3, 8, 1, 2]), 3).tolist() == [3, 8, 1]
-    # ... but a longer continuation beats a later, cut-short one
-    assert lookup.lookup(np.array([5, 1, 2, 3, 4, 1, 2, 1, 2]), 3).tolist() == [3, 4, 1]
+    assert lookup.lookup(np.array([7, 1, 2, 3, 4, 5, 9, 1, 2]), 3).tolist() == [3, 4, 5]
     assert lookup.lookup(np.array([4, 2, 3, 9, 2, 3]), 2).tolist() == [9, 2]  # trigram missing
-    # a text copying a passage: of two full continuations, the one whose preceding tokens agree
-    # with the text's (the place being copied) wins over the later one
-    passage = [30, 31, 5, 1, 2, 40, 41, 42, 43, 10, 11, 5, 1, 2, 20, 21, 22, 23]
-    assert lookup.lookup(np.array([*passage, 30, 31, 5, 1, 2]), 3).tolist() == [40, 41, 42]
-    assert lookup.lookup(np.array([*passage, 10, 11, 5, 1, 2]), 3).tolist() == [20, 21, 22]
+    # [1, 2] was followed by 3, 4, 5 and by 3, 8, 1, after contexts that agree with the text's
+    # equally little: a guess past the 3 they share, so only the 3 is drafted
+    assert lookup.lookup(np.array([7, 1, 2, 3, 4, 5, 9, 1, 2, 3, 8, 1, 2]), 3).tolist() == [3]
+    assert lookup.lookup(np.array([5, 1, 2, 3, 4, 1, 2, 1, 2]), 3).tolist() == []  # no token
+    # a text copying a passage: the occurrence whose preceding tokens agree with the text's at
+    # least RIVAL tokens longer than any other's (the place being copied) is drafted in full
+    passage = [60, 61, 62, 63, 30, 31, 5, 1, 2, 40, 41, 42, 43, 10, 11, 5, 1, 2, 20, 21, 22, 23]
+    copying_first = [*passage, 60, 61, 62, 63, 30, 31, 5, 1, 2]
+    assert lookup.lookup(np.array(copying_first), 3).tolist() == [40, 41, 42]
+    assert lookup.lookup(np.array([*passage, 42, 43, 10, 11, 5, 1, 2]), 3).tolist() == [20, 21, 22]
+    # ... but two tokens of agreement against none are no evidence: nothing past where they part
+    assert lookup.lookup(np.array([*passage, 10, 11, 5, 1, 2]), 3).tolist() == []
+    # and where every occurrence continues alike, the draft runs to where one parts
+    shared = [9, 1, 2, 3, 4, 5, 8, 1, 2, 3, 4, 6, 7, 1, 2]
+    assert lookup.lookup(np.array(shared), 4).tolist() == [3, 4]
     history = np.array([7, 1, 2, 3, 4, 5, 9, 1, 2, 3, 8, 1, 2])
     assert lookup.lookup(np.array([1, 2, 3, 4]), 3).tolist() == []  # no earlier match
     assert lookup.lookup(history, 0).tolist() == []
