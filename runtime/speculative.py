@@ -34,9 +34,9 @@ MAX_DRAFT = 15  # a verification step of 16 tokens at most runs on the decode ke
 # Prompt lookup weighs the latest CANDIDATES occurrences of an n-gram by how many of the CONTEXT
 # tokens before each agree with the text's own (PromptLookup).
 CANDIDATES, CONTEXT = 64, 32
-# ... and drafts past where another occurrence continues differently only if its context agrees
-# RIVAL tokens longer than that one's (_contested).
-RIVAL = 4
+# It drafts past where another occurrence continues differently only if the chosen one's context
+# agrees TRUSTED tokens or more, or RIVAL tokens longer than the other's (_contested).
+TRUSTED, RIVAL = 4, 4
 
 
 @dataclass
@@ -116,22 +116,24 @@ class PromptLookup:
 
 
 def _contested(history, starts, room, agree, best: int, draft: np.ndarray) -> int:
-    """How much of `draft` (what follows the chosen occurrence, `best` of `starts`) to propose:
-    all of it, unless another occurrence whose context agrees about as long (within RIVAL
-    tokens) continues differently; then up to where the first such one parts from it, plus one
-    token. Where a short n-gram recurs with several continuations (a line that begins like many
-    others), the choice is a guess: a one-token draft costs little if it is wrong, where a full
-    one costs a long verification step for nothing."""
-    rivals = np.flatnonzero(agree + RIVAL > agree[best])
-    rivals = rivals[rivals != best]
-    if not len(rivals) or not len(draft):
+    """How much of `draft` (what follows the chosen occurrence, `best` of `starts`) to propose.
+    All of it where the chosen occurrence's context agrees with the text's for TRUSTED tokens or
+    more, or where no other occurrence with as much room and a context about as long (within
+    RIVAL tokens) continues differently; else up to where the first such one parts from it.
+    Where a short n-gram recurs with several continuations and no context tells them apart (a
+    line that begins like many others), the draft is a guess, and a long wrong draft costs a
+    long verification step for nothing. Occurrences cut short by the text's end are left out:
+    in a text that repeats itself they overlap the tail and say nothing new."""
+    if agree[best] >= TRUSTED or not len(draft):
         return len(draft)
-    width = len(draft)
-    offsets = np.arange(width)
+    rivals = np.flatnonzero((agree + RIVAL > agree[best]) & (room >= room[best]))
+    rivals = rivals[rivals != best]
+    if not len(rivals):
+        return len(draft)
+    offsets = np.arange(len(draft))
     theirs = history[np.minimum(starts[rivals, None] + offsets, len(history) - 1)]
     differs = (theirs != draft) & (offsets < room[rivals, None])
-    parted = np.where(differs.any(axis=1), differs.argmax(axis=1), width)
-    return int(parted.min())
+    return int(np.where(differs.any(axis=1), differs.argmax(axis=1), len(draft)).min())
 
 
 def _context(history: np.ndarray, starts: np.ndarray, end: int) -> np.ndarray:

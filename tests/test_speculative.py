@@ -195,14 +195,20 @@ def test_prompt_lookup_drafts_what_followed_the_last_ngram():
     # [1, 2] was followed by 3, 4, 5 and by 3, 8, 1, after contexts that agree with the text's
     # equally little: a guess past the 3 they share, so only the 3 is drafted
     assert lookup.lookup(np.array([7, 1, 2, 3, 4, 5, 9, 1, 2, 3, 8, 1, 2]), 3).tolist() == [3]
-    assert lookup.lookup(np.array([5, 1, 2, 3, 4, 1, 2, 1, 2]), 3).tolist() == []  # no token
-    # a text copying a passage: the occurrence whose preceding tokens agree with the text's at
-    # least RIVAL tokens longer than any other's (the place being copied) is drafted in full
+    # ... but a longer continuation beats a later one cut short by the text's end, which is no
+    # rival either (in a text that repeats itself, such occurrences overlap the tail)
+    assert lookup.lookup(np.array([5, 1, 2, 3, 4, 1, 2, 1, 2]), 3).tolist() == [3, 4, 1]
+    # a text copying a passage: the occurrence whose preceding tokens agree with the text's for
+    # TRUSTED tokens (the place being copied) is drafted in full
     passage = [60, 61, 62, 63, 30, 31, 5, 1, 2, 40, 41, 42, 43, 10, 11, 5, 1, 2, 20, 21, 22, 23]
     copying_first = [*passage, 60, 61, 62, 63, 30, 31, 5, 1, 2]
     assert lookup.lookup(np.array(copying_first), 3).tolist() == [40, 41, 42]
     assert lookup.lookup(np.array([*passage, 42, 43, 10, 11, 5, 1, 2]), 3).tolist() == [20, 21, 22]
-    # ... but two tokens of agreement against none are no evidence: nothing past where they part
+    # two places agreeing for TRUSTED tokens each: the latest, as a text repeating itself does
+    repeated = [20, 21, 22, 23, 24, 1, 2, 3, 4, 9, 20, 21, 22, 23, 24, 1, 2, 5, 6, 8]
+    assert lookup.lookup(np.array([*repeated, 20, 21, 22, 23, 24, 1, 2]), 2).tolist() == [5, 6]
+    # ... but two tokens of agreement against none are no evidence (RIVAL): nothing past where
+    # they part
     assert lookup.lookup(np.array([*passage, 10, 11, 5, 1, 2]), 3).tolist() == []
     # and where every occurrence continues alike, the draft runs to where one parts
     shared = [9, 1, 2, 3, 4, 5, 8, 1, 2, 3, 4, 6, 7, 1, 2]
