@@ -1,9 +1,10 @@
 """Speculative decoding: llmc plain / prompt lookup / self-speculation vs the target's own engine
 (onnxruntime-genai's n-gram decoding, OpenVINO GenAI's prompt lookup) and its plain decode (JSON).
 
-Protocol (bench/README.md): SmolLM2-135M-Instruct, an input-grounded and a free chat prompt,
-greedy, exactly 128 new tokens, 2 threads, the same prompt ids for every engine; each round runs
-every engine once in a fresh process (per task a warm-up, then one measured run); medians.
+Protocol (bench/README.md): SmolLM2-135M-Instruct, two input-grounded chat prompts (a passage to
+copy with edits, a list to continue) and a free one, greedy, exactly 128 new tokens, 2 threads,
+the same prompt ids for every engine; each round runs every engine once in a fresh process (per
+task a warm-up, then one measured run); medians.
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ class LRUCache:
 TASKS = {
     "grounded": "Rewrite the following Python code, renaming the attribute `entries` to `items` "
     f"everywhere. Reply with the complete code only.\n\n```python\n{SOURCE}```",
+    "list": "Continue this inventory list with twelve more entries in exactly the same format."
+    "\n\n"
+    + "\n".join(
+        f"{i}. Item {i}: weight {3 * i} kg, colour {colour}, stored in aisle {i % 4 + 1}"
+        for i, colour in enumerate(["red", "blue", "green", "black", "white", "grey"] * 2, 1)
+    ),
     "free": PROMPT,
 }
 # Reference engines' settings without --num-draft/--ngram: their docs' starting points (README).
@@ -239,7 +246,7 @@ def _child(engine: str, args, prompts: dict, python: str | None, extra: list[str
 
 
 def _prompts(artifact: str) -> dict[str, list[int]]:
-    """Both tasks' prompt ids, from the artifact's tokenizer (the same for every engine)."""
+    """Every task's prompt ids, from the artifact's tokenizer (the same for every engine)."""
     from llmc.artifact import read_manifest
     from llmc.runtime.tokenizer import Tokenizer
 
