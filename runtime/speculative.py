@@ -126,13 +126,12 @@ def _contested(history, starts, room, agree, best: int, draft: np.ndarray) -> in
     in a text that repeats itself they overlap the tail and say nothing new."""
     if agree[best] >= TRUSTED or not len(draft):
         return len(draft)
-    rivals = np.flatnonzero((agree + RIVAL > agree[best]) & (room >= room[best]))
+    # the chosen one has the most room (PromptLookup._lookup): rivals have as much
+    rivals = np.flatnonzero((agree + RIVAL > agree[best]) & (room == room[best]))
     rivals = rivals[rivals != best]
     if not len(rivals):
         return len(draft)
-    offsets = np.arange(len(draft))
-    theirs = history[np.minimum(starts[rivals, None] + offsets, len(history) - 1)]
-    differs = (theirs != draft) & (offsets < room[rivals, None])
+    differs = history[starts[rivals, None] + np.arange(len(draft))] != draft
     return int(np.where(differs.any(axis=1), differs.argmax(axis=1), len(draft)).min())
 
 
