@@ -45,6 +45,17 @@ _ROPE = {
     "pack_qkv": 2,
     "eliminate_dead_code": 0,
 }
+
+
+def _falcon_round_trips() -> int:
+    """Layout round trips fold_layout removes from tiny Falcon: transformers 5.25 rewrote its
+    attention around the attention functions (`eager_attention_forward`), and its heads now move
+    through half the view/transpose pairs of the code before."""
+    from transformers.models.falcon import modeling_falcon
+
+    return 6 if hasattr(modeling_falcon, "eager_attention_forward") else 12
+
+
 GOLDEN = {
     "llama": dict(_ROPE),
     "qwen2": dict(_ROPE),
@@ -107,7 +118,8 @@ GOLDEN = {
         "fuse_rotary_attention": 0,
         "pack_qkv": 0,
     },
-    # no AttentionInterface: the model's SDPA and concat KV stay; one fused QKV matmul
+    # no attention backend llmc can take (`_supports_attention_backend` is False): the model's
+    # SDPA and concat KV stay; one fused QKV matmul
     "falcon": {
         **_ROPE,
         "replace_attention": 0,
@@ -117,7 +129,7 @@ GOLDEN = {
         "fuse_rms_norm": 0,
         "fuse_skip_rms_norm": 0,
         "fuse_qkv": 0,
-        "fold_layout": 12,
+        "fold_layout": _falcon_round_trips(),
         "fuse_rotary_attention": 0,
         "pack_qkv": 0,
     },
