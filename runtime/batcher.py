@@ -19,16 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmc.errors import LlmcError
+from llmc.runtime.drafters import PromptLookup
 from llmc.runtime.generator import GenerationConfig, Generator, StepEvent, TextStream
 from llmc.runtime.sampling import Sampler
-from llmc.runtime.speculative import (
-    MAX_DRAFT,
-    VERIFY_COST,
-    DraftPolicy,
-    PromptLookup,
-    StepClock,
-    verify_row,
-)
+from llmc.runtime.speculative import MAX_DRAFT, VERIFY_COST, DraftPolicy, StepClock, verify_row
 
 # An idle batcher lets a burst of requests gather before its first prefill, so that the burst
 # is prefilled in one step rather than its first arrival alone and the rest one step later: it

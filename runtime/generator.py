@@ -13,16 +13,10 @@ import numpy as np
 from llmc.artifact_checks import reason
 from llmc.errors import ArtifactError, ContextLengthError, LlmcError
 from llmc.runtime import checks
+from llmc.runtime.drafters import drafter_for
 from llmc.runtime.sampling import Sampler, SamplingParams
 from llmc.runtime.session import Model, Sequence
-from llmc.runtime.speculative import (
-    VERIFY_COST,
-    DraftPolicy,
-    RowStats,
-    StepClock,
-    drafter_for,
-    verify_row,
-)
+from llmc.runtime.speculative import VERIFY_COST, DraftPolicy, RowStats, StepClock, verify_row
 from llmc.runtime.tokenizer import Detokenizer, Tokenizer
 
 Prompt = str | list[dict] | list[int]

@@ -13,8 +13,9 @@ import llmc.runtime as rt
 from llmc.artifact import read_manifest
 from llmc.cli import cli
 from llmc.errors import LlmcError, SessionError
+from llmc.runtime.drafters import PromptLookup
 from llmc.runtime.sampling import Sampler, SamplingParams
-from llmc.runtime.speculative import Draft, DraftPolicy, PromptLookup, StepClock, verify_row
+from llmc.runtime.speculative import Draft, DraftPolicy, StepClock, verify_row
 
 VARIANTS = [("onnx", None), ("onnx", "-rewire_kv_cache"), ("openvino", None)]
 IDS = [1, 5, 9, 23, 5, 9, 23, 7, 5, 9, 40, 41, 42, 5, 9, 23]  # repeats: prompt lookup finds them
@@ -271,7 +272,7 @@ def test_draft_layers_build_and_cli(tiny_artifact, tmp_path):
         rt.load(full).generate("Hi", draft=42)
     # a draft's onnxruntime threads do not spin between its steps (they would take the cores of
     # the model it drafts for): a draft loaded with spinning threads is opened again without
-    from llmc.runtime.speculative import DraftModel
+    from llmc.runtime.drafters import DraftModel
 
     spinning = rt.load(draft)
     assert spinning.model.options.spin
