@@ -16,7 +16,15 @@ from llmc.runtime import checks
 from llmc.runtime.drafters import drafter_for
 from llmc.runtime.sampling import Sampler, SamplingParams
 from llmc.runtime.session import Model, Sequence
-from llmc.runtime.speculative import VERIFY_COST, DraftPolicy, RowStats, StepClock, verify_row
+from llmc.runtime.speculative import (
+    VERIFY_COST,
+    DraftPolicy,
+    RowStats,
+    StepClock,
+    draft_sizes,
+    padded,
+    verify_row,
+)
 from llmc.runtime.tokenizer import Detokenizer, Tokenizer
 
 Prompt = str | list[dict] | list[int]
@@ -158,6 +166,9 @@ class Generator:
         policies = [DraftPolicy(num_draft, clock) for _ in prompts] if drafter else []
         with self.sequence() as seq:
             logits = seq.prefill(ids, mask)
+            sizes = draft_sizes(seq.extend_sizes) if batch == 1 else None
+            for policy in policies:
+                policy.sizes = sizes
             if drafter:
                 drafter.start(prompts)
             new = [[int(t)] for t in sampler(logits, rows.history)]
@@ -189,7 +200,7 @@ class Generator:
                 new = _verify(seq, drafts, last, rows, sampler, policies, stats)
                 drafter.commit([max(len(kept) - 1, 0) for kept in new])
                 k = max(len(d.tokens) for d in drafts)
-                clock.speculative(time.perf_counter() - started, k)
+                clock.speculative(time.perf_counter() - started, padded(k, sizes))
 
     # -- events and text ---------------------------------------------------------------------
     def events(self, prompt: Prompt, chat: bool = False, **kwargs) -> Iterator[StepEvent]:

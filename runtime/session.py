@@ -115,6 +115,13 @@ class Sequence(ABC):
         self._rows: int | None = None  # rows of the live batch (None: nothing prefilled)
 
     @property
+    def extend_sizes(self) -> tuple[int, ...] | None:
+        """The token counts a one-row `extend` runs at without padding, where a target pads
+        short extend steps to a few fixed sizes (a speculative step then drafts up to one of
+        them: the padding costs as much as drafted tokens); None: any count."""
+        return None
+
+    @property
     def lengths(self) -> np.ndarray:
         """Tokens in each row's cache [B] (empty before a prefill)."""
         return np.zeros(0, np.int64) if self._rows is None else self._lengths()

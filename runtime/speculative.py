@@ -15,6 +15,7 @@ then rolls the cache back past what was rejected (`Sequence.truncate`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,16 +100,22 @@ class DraftPolicy:
     """How many tokens to draft for one row: the k that maximizes the expected tokens per unit
     of time, from an estimate of the per-token acceptance rate (decayed counts of accepted and
     rejected drafts) and the measured step costs (StepClock). When no k beats plain decoding,
-    the row decodes plainly and drafts one token after `probe` steps times what such a step
-    costs, to keep the estimate current; each probe that fails doubles the wait (up to 64)."""
+    the row decodes plainly and drafts the fewest tokens a step takes (one, or the smallest of
+    `sizes`) after `probe` steps times what such a step costs, to keep the estimate current;
+    each probe that fails doubles the wait (up to 64). A probe the drafter has nothing for
+    costs nothing and is tried again at the next step. `sizes`: where the sequence pads short
+    verification steps (Sequence.extend_sizes), the draft lengths that fill one; a shorter
+    draft would cost as much and bring less."""
 
     limit: int
     clock: StepClock
+    sizes: tuple[int, ...] | None = None
     accepted: float = 1.0  # prior: one accepted draft, one rejected
     rejected: float = 1.0
-    idle: int = 0
+    idle: float = math.inf  # decode steps since the last draft (inf: the first one probes)
     probe: int = 8
     decay: float = 0.85
+    probing: bool = False  # the step being chosen is a probe
 
     @property
     def rate(self) -> float:
@@ -120,23 +127,39 @@ class DraftPolicy:
         a = min(self.rate, 0.999)
         costs = self.clock.costs(self.limit)
         k, best, expected, power = 0, 0.0, 0.0, 1.0
+        sizes, self.probing = self.sizes, False
         for n, cost in enumerate(costs):  # expected tokens: 1 + a + ... + a^n
             expected += power
             power *= a
-            if expected / cost > best:
+            if expected / cost > best and (not n or not sizes or n in sizes or n == self.limit):
                 k, best = n, expected / cost
-        if k == 0:
+        if k:
+            self.idle = 0
+        elif self.limit:
             self.idle += 1
-            if self.idle >= self.probe * costs[1 if len(costs) > 1 else 0]:  # dearer: rarer
-                self.idle, k = 0, 1
+            fewest = min(sizes[0], self.limit) if sizes else 1
+            if self.idle >= self.probe * costs[fewest]:  # dearer: rarer
+                k, self.probing = fewest, True  # until a draft comes of it (update)
         return k
 
     def update(self, drafted: int, accepted: int) -> None:
         if drafted:
             self.accepted = self.decay * self.accepted + accepted
             self.rejected = self.decay * self.rejected + (accepted < drafted)
-            if drafted == 1:  # a probe
-                self.probe = 8 if accepted else min(2 * self.probe, 64)
+            if self.probing:
+                self.idle, self.probe = 0, 8 if accepted else min(2 * self.probe, 64)
+
+
+def draft_sizes(extend_sizes: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The draft lengths that fill a verification step of one of `extend_sizes` tokens (the
+    row's last token and the draft), or None for any (a shorter draft is padded to the next
+    size and costs as much)."""
+    return None if extend_sizes is None else tuple(s - 1 for s in extend_sizes)
+
+
+def padded(k: int, sizes: tuple[int, ...] | None) -> int:
+    """The draft length a step of `k` drafted tokens costs as (k itself where nothing pads)."""
+    return next((s for s in sizes if s >= k), k) if sizes and k else k
 
 
 def verify_row(logits: np.ndarray, draft: Draft, seen: np.ndarray, sampler: Sampler) -> list[int]:

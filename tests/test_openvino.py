@@ -131,6 +131,50 @@ def test_paged_rows_hold_blocks_and_give_them_back(ov_artifact):
     assert np.abs(bf16.prefill(long) - want).max() <= 0.05 * np.abs(want).max()
 
 
+def test_paged_verification_steps_run_padded_to_one_shape(ov_artifact, int8_artifact):
+    """On the fast int8 kernels a one-row step of 2 to 15 tokens with every position's logits
+    (a speculative verification) runs padded to VERIFY_TOKENS, so the dynamic model sees one
+    shape: its logits are the unpadded step's, and blocks that only the padding needed go back.
+    An fp32 artifact's steps run as they come."""
+    import numpy as np
+
+    from llmc.targets.openvino.paged import VERIFY_TOKENS
+
+    assert rt.load(ov_artifact("llama")).model.sequence().extend_sizes is None
+    model = rt.load(int8_artifact).model
+    assert model.dynamic_quantization and model.form == "paged-attention"
+    seq, ref = model.sequence(), model.sequence()
+    ref._pads = False
+    block = seq._pool.block
+
+    class Recorder:  # the dynamic model's request, recording the tokens of each call
+        def __init__(self, request):
+            self.request, self.tokens = request, []
+
+        def infer(self, feeds, share_inputs):
+            self.tokens.append(len(feeds["input_ids"]))
+            return self.request.infer(feeds, share_inputs=share_inputs)
+
+        def get_tensor(self, name):
+            return self.request.get_tensor(name)
+
+    ids = np.arange(3, 3 + block - 4).reshape(1, -1) % model.vocab_size  # padding crosses a block
+    np.testing.assert_array_equal(seq.prefill(ids), ref.prefill(ids))
+    seq._request = recorder = Recorder(seq._request)
+    assert seq.extend_sizes == (VERIFY_TOKENS,)
+    for n in (2, 5, VERIFY_TOKENS - 1, VERIFY_TOKENS):
+        held = int(seq.lengths[0])
+        step = (np.arange(n) * 7 + n).reshape(1, -1) % model.vocab_size
+        np.testing.assert_allclose(seq.extend(step), ref.extend(step), atol=1e-5)
+        assert seq.kv_bytes == -(-(held + n) // block) * seq._pool.block_bytes
+        seq.truncate([held + 1])  # one accepted: the rest rolls back
+        ref.truncate([held + 1])
+    assert recorder.tokens == [VERIFY_TOKENS] * 4
+    last = np.array([[9]])
+    np.testing.assert_allclose(seq.decode(last), ref.decode(last), atol=1e-5)
+    assert recorder.tokens == [VERIFY_TOKENS] * 4  # a decode step runs on the one-row copy
+
+
 def test_paged_attention_is_refused_in_a_sentence_where_it_cannot_run(tmp_path, ov_artifact):
     import shutil
 

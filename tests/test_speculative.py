@@ -230,13 +230,31 @@ def test_policy_stops_drafting_when_drafts_fail_and_probes():
     assert policy.choose() >= 3  # cheap drafts, a hopeful prior: draft several
     for _ in range(20):
         policy.update(drafted=4, accepted=0)
-    # plain decoding, probing after 8 steps times a probe's cost (1.15 decode steps): every 10th
-    picks = [policy.choose() for _ in range(20)]
-    assert picks.count(0) == 18 and picks[9] == picks[19] == 1
+    # plain decoding, probing after 8 steps times a probe's cost (1.15 decode steps): the 10th
+    assert [policy.choose() for _ in range(10)] == [0] * 9 + [1]
+    assert policy.choose() == 1  # the drafter had nothing to probe with: again at the next step
     policy.update(drafted=1, accepted=0)  # a failed probe: wait twice as long
-    assert [policy.choose() for _ in range(20)].count(1) == 1
+    assert [policy.choose() for _ in range(19)] == [0] * 18 + [1]
     expensive = DraftPolicy(limit=8, clock=StepClock(per_token=1.0))  # as slow as the model
-    assert expensive.choose() == 0
+    assert expensive.choose() == 1  # the first step probes
+    expensive.update(drafted=1, accepted=1)
+    assert [expensive.choose() for _ in range(5)] == [0] * 5
+
+
+def test_policy_drafts_whole_padded_steps():
+    """Where a sequence pads short verification steps to 16 tokens, a shorter draft costs as
+    much: the policy drafts 15 tokens or none, and probes with 15."""
+    policy = DraftPolicy(limit=15, clock=StepClock(per_token=0.05), sizes=(15,))
+    assert policy.choose() == 15
+    for _ in range(20):
+        policy.update(drafted=15, accepted=0)
+    picks = []
+    for _ in range(60):
+        picks.append(policy.choose())
+        if picks[-1]:
+            policy.update(drafted=15, accepted=0)
+    assert set(picks) == {0, 15} and picks.count(15) == 2  # after 8 and 16 steps' worth
+    assert DraftPolicy(limit=4, clock=StepClock(per_token=0.05), sizes=(15,)).choose() == 4
 
 
 def test_step_clock_fits_what_verification_costs():
