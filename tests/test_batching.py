@@ -11,6 +11,7 @@ import pytest
 
 import llmc.runtime as rt
 from llmc.errors import SessionError
+from llmc.targets.onnx import session as onnx_session
 
 VARIANTS = [("onnx", None), ("onnx", "-rewire_kv_cache"), ("openvino", None)]
 PROMPTS = [[1, 5, 9, 23, 5, 9], [7, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [4, 8, 15]]
@@ -219,10 +220,11 @@ def test_cancelled_request_stops_and_frees_its_rows(tiny_artifact):
         batcher.close(timeout=5)
 
 
-def test_quantized_rows_join_on_the_fast_kernels(tiny_artifact):
+def test_quantized_rows_join_on_the_fast_kernels(tiny_artifact, monkeypatch):
     """int8 ONNX: exactly, rows joining and leaving get their logits alone; on the fast kernels
     (a joining prompt prefills on them, not on the exact ones every running row would wait for)
-    a row's logits do not depend on which batch it joins."""
+    a row's logits do not depend on which batch it joins, and a short prompt alone gets them too
+    (FAST_PROMPT); without int8 dot products, longer prompts run on the exact kernels."""
     path = tiny_artifact("llama", quant="int8")
     check_join_and_leave(rt.load(path, exact=True))
     gen = rt.load(path)
@@ -237,7 +239,11 @@ def test_quantized_rows_join_on_the_fast_kernels(tiny_artifact):
     assert np.abs(joined[0] - joined[2]).max() <= 1e-5  # the join
     assert np.abs(joined[1] - joined[3]).max() <= 1e-5  # and the step after it
     alone = gen.model.sequence().prefill(np.array([PROMPTS[2]]))[0]
-    if gen.model.fast_prompts:  # a CPU with int8 dot products: prompts on the same kernels
-        assert np.abs(joined[0] - alone).max() <= 1e-5
-    else:  # prompts alone run on the exact kernels
-        assert 0 < np.abs(joined[0] - alone).max() <= 1.0
+    assert np.abs(joined[0] - alone).max() <= 1e-5  # a short prompt alone: the same kernels
+    if not gen.model.fast_prompts:  # no int8 dot products: longer prompts alone run exactly
+        longer = onnx_session.FAST_PROMPT + 1
+        assert gen.model.session_for(longer, False)[0] is gen.model.prefill_session
+        assert gen.model.session_for(8, False, total=longer)[0] is gen.model.prefill_session
+        gen.model.fast_prompt = 0  # as LLMC_EXACT_PROMPTS=1 asks
+        exact = gen.model.sequence().prefill(np.array([PROMPTS[2]]))[0]
+        assert 0 < np.abs(joined[0] - exact).max() <= 1.0

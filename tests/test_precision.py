@@ -175,6 +175,7 @@ def test_quantized_onnx_holds_one_session_where_prompts_run_fast(tiny_artifact, 
     monkeypatch.setenv("LLMC_EXACT_PROMPTS", "1")
     model = rt.load(path).model
     assert model.prefill_session is not model.decode_session and not model.fast_prompts
+    assert model.session_for(8, False)[0] is model.prefill_session  # every prompt exact
     exact = rt.load(path, exact=True).model
     assert exact.prefill_session is exact.decode_session and exact.fast_kernels is None
 

@@ -32,11 +32,23 @@ PREFILL_CHUNK = 256  # long prompts run in chunks: less attention work, bounded 
 # 1024-token int8 prompt takes 5.4 s in chunks of 256, 4.7 s in 512, 4.4 s in 1024 (fp32: 4.0 s
 # whatever the chunk).
 EXACT_PREFILL_CHUNK = 1024
+# Without int8 dot products the fast kernels still beat the exact ones on short prompts: the exact
+# ones pay about 0.33 s a call to dequantize the weights, the fast ones about 2.4 ms a prompt token
+# (int8 SmolLM2 on a 2-core Zen 3 with AVX2 alone; a prompt alone, ms fast against exact: 8 tokens
+# 32 against 372, 40: 98 against 406, 128: 322 against 639, 256: 635 against 858, 512: 1227
+# against 1223). Fresh prompts of at most this many tokens (all rows together) run on them there,
+# their last logits rescored as a decode's.
+FAST_PROMPT = 256
 # What a quantized artifact's default session computes differently from the exact one.
-FAST_KERNELS = "MatMulNBits accuracy level 4: int8 activations on decode steps, prompts exact"
+FAST_KERNELS = (
+    "MatMulNBits accuracy level 4: int8 activations on decode steps and prompts of up to "
+    f"{FAST_PROMPT} tokens, longer prompts exact"
+)
+EXACT_PROMPTS = "MatMulNBits accuracy level 4: int8 activations on decode steps, prompts exact"
 FAST_EVERY_STEP = "MatMulNBits accuracy level 4: int8 activations on every step"
 # CPU features whose int8 dot products make onnxruntime's int8-activation kernels fast for prompts
-# as well (SmolLM2 int8, 512 tokens: 0.37 s with VNNI; 5.35 s without, against 0.41 s exact). With
+# as well (SmolLM2 int8, 512 tokens: 0.37 s with VNNI, against 0.41 s exact; without, 5.35 s on the
+# machine of 2026-11-27 and 1.23 s on a Zen 3 with AVX2, against 1.22 s exact). With
 # one of them, a quantized artifact runs prompts on the decode session too and holds one copy of
 # its weights (SmolLM2 peak RSS, int8: 718 -> 389 MB; int4 Q4_1: 637 -> 364 MB); without, a
 # second, exact session serves prompts.
@@ -115,16 +127,18 @@ def _session(ort, model, opts, providers, path: Path):
         ) from None
 
 
-def fast_prompts() -> bool:
-    """Whether this CPU runs int8-activation prompts fast (INT8_DOT); LLMC_EXACT_PROMPTS=1 keeps
-    a second, exact session for prompts anyway."""
+def _exact_prompts_asked() -> bool:
     import os
 
+    return os.environ.get("LLMC_EXACT_PROMPTS") == "1"
+
+
+def fast_prompts() -> bool:
+    """Whether this CPU runs int8-activation prompts fast (INT8_DOT); LLMC_EXACT_PROMPTS=1 keeps
+    a second, exact session for every prompt anyway."""
     from llmc.host import host_cpu
 
-    if os.environ.get("LLMC_EXACT_PROMPTS") == "1":
-        return False
-    return any(f in INT8_DOT for f in host_cpu()["features"])
+    return not _exact_prompts_asked() and any(f in INT8_DOT for f in host_cpu()["features"])
 
 
 class Model(BaseModel):
@@ -134,8 +148,8 @@ class Model(BaseModel):
     `exact`: quantized matmuls dequantize their weights and multiply in fp32 on every step
     (verification: the numbers of the llmc graph); otherwise decode steps quantize activations
     to int8 (onnxruntime's fast kernels), and so do prompts where the CPU has int8 dot products
-    (`fast_prompts`: one session, one copy of the weights); elsewhere prompts run on a second,
-    exact session (faster there for many rows)."""
+    (`fast_prompts`: one session, one copy of the weights); elsewhere prompts of more than
+    `fast_prompt` tokens run on a second, exact session (faster there for many rows)."""
 
     spins = True
     rescore_in_graph = True  # the fast session corrects its own top logits where it can
@@ -148,9 +162,12 @@ class Model(BaseModel):
         quantized = bool(manifest.get("quantization"))
         fast = quantized and not exact
         self.fast_prompts = fast and fast_prompts()
-        self.fast_kernels = (
-            (FAST_EVERY_STEP if self.fast_prompts else FAST_KERNELS) if fast else None
-        )
+        self.fast_prompt = 0 if _exact_prompts_asked() else FAST_PROMPT
+        if fast:
+            partly = FAST_KERNELS if self.fast_prompt else EXACT_PROMPTS
+            self.fast_kernels = FAST_EVERY_STEP if self.fast_prompts else partly
+        else:
+            self.fast_kernels = None
         spin = self.options.spin
         config = self.session_config
         level = 0 if exact and quantized else None
@@ -187,13 +204,16 @@ class Model(BaseModel):
             return SharedKVSequence(self)
         return ConcatKVSequence(self)
 
-    def session_for(self, tokens: int, live: bool, join: bool = False):
-        """The session of a step of `tokens` new tokens (on a live cache or a fresh one) and
-        its lm_head rescorer: short steps on a live cache run on the decode kernels, and so do
-        the prompts of rows joining a running batch (`join`) on the fast kernels."""
+    def session_for(self, tokens: int, live: bool, join: bool = False, total: int = 0):
+        """The session of a step of `tokens` new tokens a row (`total` in all rows) on a live
+        cache or a fresh one, and its lm_head rescorer: short steps on a live cache run on the
+        decode kernels, and so do the prompts of rows joining a running batch (`join`) and short
+        fresh prompts (FAST_PROMPT) on the fast kernels."""
         if (live and tokens <= SHORT_EXTEND) or self.fast_prompts:
             return self.decode_session, self.rescore
-        if join and self.lm_head_rows is not None and tokens <= FAST_JOIN:
+        if self.lm_head_rows is not None and (
+            (join and tokens <= FAST_JOIN) or (not live and max(tokens, total) <= self.fast_prompt)
+        ):
             return self.decode_session, self.rescore
         return self.prefill_session, None
 
@@ -221,7 +241,7 @@ class ConcatKVSequence(ConcatRows, Sequence):
             self._past = self._empty_past(ids.shape[0])
         feeds = {k: v for k, v in feeds.items() if k in m.inputs}
         feeds.update(zip(m.io.past_inputs, self._past, strict=True))
-        sess, rescore = m.session_for(ids.shape[1], live)
+        sess, rescore = m.session_for(ids.shape[1], live, total=ids.size)
         names = ["logits", *m.io.present_outputs] + ([rescore.output] if rescore else [])
         logits, *present = m.run(sess, names, feeds)
         if last_only:

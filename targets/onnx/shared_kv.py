@@ -90,9 +90,9 @@ class SharedKVSequence(Sequence):
         ends = starts + np.array([len(r) for r in rows], np.int64)
         check_context(int(ends.max()), m.max_context)
         self._reserve(first + len(rows), int(ends.max()) + 1)
-        sess, rescore = m.session_for(width, live, join)
-        chunk = m.chunk if sess is m.prefill_session else width
         longest, tokens = max(len(r) for r in rows), sum(len(r) for r in rows)
+        sess, rescore = m.session_for(width, live, join, tokens)
+        chunk = m.chunk if sess is m.prefill_session else width
         if (
             not live
             and last_only

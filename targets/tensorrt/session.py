@@ -92,7 +92,7 @@ class Model(BaseModel):  # pragma: no cover - needs TensorRT and a GPU, absent h
     def sequence(self) -> Sequence:
         return ConcatKVSequence(self)
 
-    def session_for(self, tokens: int, live: bool, join: bool = False):
+    def session_for(self, tokens: int, live: bool, join: bool = False, total: int = 0):
         decode = live and tokens <= engine_files.DECODE_STEP and len(self.contexts) > 1
         return self.contexts[1 if decode else 0], None
 
