@@ -18,6 +18,16 @@ KERNEL_FEATURES = (
     "amx_bf16",
 )
 
+# Features that give int8 dot products: where a CPU has none, onnxruntime's int8-activation
+# kernels are slow for many rows and OpenVINO's dynamic quantization is not applied (on a Zen 3
+# with AVX2 alone, an int8 artifact's "fast" logits were the exact ones within 7e-5).
+INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_dot() -> bool:
+    """Whether this CPU has int8 dot products (INT8_DOT)."""
+    return any(f in INT8_DOT for f in _cpuinfo()[1])
+
 
 def host_cpu() -> dict:
     """{"model": name, "features": the KERNEL_FEATURES this CPU has} (Linux; elsewhere the

@@ -46,13 +46,12 @@ FAST_KERNELS = (
 )
 EXACT_PROMPTS = "MatMulNBits accuracy level 4: int8 activations on decode steps, prompts exact"
 FAST_EVERY_STEP = "MatMulNBits accuracy level 4: int8 activations on every step"
-# CPU features whose int8 dot products make onnxruntime's int8-activation kernels fast for prompts
+# Int8 dot products (llmc.host.INT8_DOT) make onnxruntime's int8-activation kernels fast for prompts
 # as well (SmolLM2 int8, 512 tokens: 0.37 s with VNNI, against 0.41 s exact; without, 5.35 s on the
 # machine of 2026-11-27 and 1.23 s on a Zen 3 with AVX2, against 1.22 s exact). With
 # one of them, a quantized artifact runs prompts on the decode session too and holds one copy of
 # its weights (SmolLM2 peak RSS, int8: 718 -> 389 MB; int4 Q4_1: 637 -> 364 MB); without, a
 # second, exact session serves prompts.
-INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")
 # Extend steps of at most this many tokens on a live cache (verifying drafted tokens) run on the
 # decode kernels, with every position's top logits rescored; longer ones run as a prefill.
 SHORT_EXTEND = 16
@@ -134,11 +133,11 @@ def _exact_prompts_asked() -> bool:
 
 
 def fast_prompts() -> bool:
-    """Whether this CPU runs int8-activation prompts fast (INT8_DOT); LLMC_EXACT_PROMPTS=1 keeps
-    a second, exact session for every prompt anyway."""
-    from llmc.host import host_cpu
+    """Whether this CPU runs int8-activation prompts fast (int8 dot products);
+    LLMC_EXACT_PROMPTS=1 keeps a second, exact session for every prompt anyway."""
+    from llmc.host import int8_dot
 
-    return not _exact_prompts_asked() and any(f in INT8_DOT for f in host_cpu()["features"])
+    return not _exact_prompts_asked() and int8_dot()
 
 
 class Model(BaseModel):
