@@ -23,6 +23,7 @@ OV_PACKAGES = [  # installed over the project's .venv, whose CPU torch they must
     ["--no-deps", "optimum-intel==2.2.0", "optimum~=2.3.0"],
     [
         "transformers>=5.0,<5.6",
+        "kernels==0.12.3",  # the project's newer one rejects transformers 5.5's kernel mapping
         "nncf",
         f"openvino=={OV_VERSION}",
         f"openvino-genai=={OV_VERSION}.0",
