@@ -220,7 +220,7 @@ def test_cancelled_request_stops_and_frees_its_rows(tiny_artifact):
         batcher.close(timeout=5)
 
 
-def test_quantized_rows_join_on_the_fast_kernels(tiny_artifact, monkeypatch):
+def test_quantized_rows_join_on_the_fast_kernels(tiny_artifact):
     """int8 ONNX: exactly, rows joining and leaving get their logits alone; on the fast kernels
     (a joining prompt prefills on them, not on the exact ones every running row would wait for)
     a row's logits do not depend on which batch it joins, and a short prompt alone gets them too

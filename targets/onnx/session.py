@@ -51,7 +51,7 @@ FAST_EVERY_STEP = "MatMulNBits accuracy level 4: int8 activations on every step"
 # machine of 2026-11-27 and 1.23 s on a Zen 3 with AVX2, against 1.22 s exact). With
 # one of them, a quantized artifact runs prompts on the decode session too and holds one copy of
 # its weights (SmolLM2 peak RSS, int8: 718 -> 389 MB; int4 Q4_1: 637 -> 364 MB); without, a
-# second, exact session serves prompts.
+# second, exact session serves prompts longer than FAST_PROMPT.
 # Extend steps of at most this many tokens on a live cache (verifying drafted tokens) run on the
 # decode kernels, with every position's top logits rescored; longer ones run as a prefill.
 SHORT_EXTEND = 16
@@ -211,7 +211,7 @@ class Model(BaseModel):
         if (live and tokens <= SHORT_EXTEND) or self.fast_prompts:
             return self.decode_session, self.rescore
         if self.lm_head_rows is not None and (
-            (join and tokens <= FAST_JOIN) or (not live and max(tokens, total) <= self.fast_prompt)
+            (join and tokens <= FAST_JOIN) or (not live and (total or tokens) <= self.fast_prompt)
         ):
             return self.decode_session, self.rescore
         return self.prefill_session, None
