@@ -9,6 +9,8 @@ llmc runs as a server process (`llmc serve`, 2 threads) and its clients stream o
 this process; GenAI has no HTTP server of its own (OpenVINO Model Server is a separate product),
 so its clients are requests added to the pipeline in its own process, with a thread stepping it:
 what HTTP costs llmc (the clients' parsing takes CPU from the same two cores), GenAI is spared.
+`--in-process` adds llmc driven the same way (its batcher in a process of its own, requests
+submitted there, no HTTP): the engines side by side, and what the server's HTTP costs.
 """
 
 from __future__ import annotations
@@ -168,6 +170,66 @@ def run_genai(clients, runs, threads, f32: bool) -> dict:
     return out
 
 
+# -- llmc's batcher without HTTP, driven as GenAI is ---------------------------------------------
+def llmc_child(artifact: str, clients, runs: int, threads: int, precision: str | None) -> dict:
+    """llmc's continuous batching in this process, loaded as `llmc serve` loads it: requests
+    submitted to its batcher, each token's arrival stamped by the callback."""
+    import threading
+
+    import llmc.runtime as rt
+    from llmc.artifact import read_manifest
+    from llmc.runtime.batcher import Batcher
+    from llmc.runtime.generator import GenerationConfig
+    from llmc.server.run import SWITCH_INTERVAL
+
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    options = {"threads": threads, **({"precision": precision} if precision else {})}
+    if read_manifest(artifact, check_files=False)["target"]["name"] == "openvino":
+        options["pin_threads"] = False  # as llmc serve runs it (cli_serve.py)
+    gen = rt.load(artifact, **options)
+    batcher = Batcher(gen, max_batch=16, max_queue=64)
+    config = GenerationConfig(NEW_TOKENS, ignore_eos=True)
+
+    def wave(n: int) -> dict:
+        prompts = [gen.encode(chat_prompt(i), chat=True) for i in range(n)]
+        stamps: list[list[float]] = [[] for _ in range(n)]
+        left, finished = [n], threading.Event()
+
+        def emit(i, event):
+            if isinstance(event, BaseException) or event.finish_reason:
+                left[0] -= 1  # the batcher's one thread calls every emit
+                if not left[0]:
+                    finished.set()
+            if not isinstance(event, BaseException):
+                stamps[i].append(time.perf_counter())
+
+        start = time.perf_counter()
+        for i, ids in enumerate(prompts):
+            batcher.submit(ids, config, functools.partial(emit, i))
+        finished.wait()
+        return summarize([{"ok": bool(s), "start": start, "stamps": s} for s in stamps], start)
+
+    wave(max(clients))  # warm-up
+    out = {"by_clients": {}}
+    for n in clients:
+        waves = [wave(n) for _ in range(runs)]
+        row = {k: statistics.median(w[k] for w in waves) for k in waves[0] if k != "failures"}
+        out["by_clients"][n] = {**row, "failures": sum(w["failures"] for w in waves),
+                                "waves": waves}  # fmt: skip
+    batcher.close()
+    return out
+
+
+def run_llmc_in_process(artifact, clients, runs, threads, precision) -> dict:
+    cmd = [sys.executable, __file__, "--llmc-child", artifact, "--runs", str(runs)]
+    cmd += ["--clients", ",".join(map(str, clients)), "--threads", str(threads)]
+    cmd += ["--precision", precision] if precision else []
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out["by_clients"] = {int(k): v for k, v in out["by_clients"].items()}
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -181,16 +243,28 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-genai", action="store_true")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="also drive each artifact's batcher in a process of its own, without HTTP (as "
+        "GenAI is driven)",
+    )
     p.add_argument("--soak", type=float, default=0, help="seconds of a 16-client soak run")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "serve.json"))
     p.add_argument("--plot", default=str(ROOT / "bench" / "results" / "serve.png"))
     p.add_argument("--genai-child", help=argparse.SUPPRESS)
     p.add_argument("--f32", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--llmc-child", help=argparse.SUPPRESS)
+    p.add_argument("--precision", help=argparse.SUPPRESS)
     args = p.parse_args()
     clients = tuple(int(c) for c in args.clients.split(","))
     if args.genai_child:
         print(json.dumps(genai_child(args.genai_child, clients, args.runs, args.threads, args.f32)))
+        return
+    if args.llmc_child:
+        child = llmc_child(args.llmc_child, clients, args.runs, args.threads, args.precision)
+        print(json.dumps(child))
         return
     engines = {}  # label -> a function running one round (one measured wave per client count)
     for spec in args.llmc:
@@ -199,6 +273,10 @@ def main():
         engines[label] = functools.partial(
             run_llmc, artifact, clients, 1, args.threads, precision or None, args.port
         )
+        if args.in_process:
+            engines[f"{label} in-process (no HTTP)"] = functools.partial(
+                run_llmc_in_process, artifact, clients, 1, args.threads, precision or None
+            )
     if not args.no_genai:
         engines["openvino-genai CB (plugin default: bf16, u8 KV)"] = functools.partial(
             run_genai, clients, 1, args.threads, False

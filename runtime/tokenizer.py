@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -49,7 +50,11 @@ class Tokenizer:
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
 
 
+@functools.lru_cache(maxsize=8)
 def _compile_template(source: str):
+    """The chat template compiled once per source (SmolLM2's takes 4.5 ms to compile, and a
+    server renders it for every request on its event loop); a compiled template renders from
+    any thread."""
     from jinja2.exceptions import TemplateError
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
