@@ -12,54 +12,6 @@ import pytest
 # turns the cache on where it is the subject).
 os.environ["LLMC_NO_CACHE"] = "1"
 
-# A tiny model is traced once per worker for each set of trace options: most of the suite's builds
-# trace a family that another build in the same worker traced already (a target, a KV variant or
-# a quantization level apart), and torch.export took about 2-4 s of each on CI's two cores. A
-# build gets a deep copy of the first trace and runs every later stage itself; tests marked
-# `fresh_trace` trace afresh (the reproducible-bytes test compares two traces).
-TRACE_MEMO_PARAMETERS = 10_000_000  # larger models (SmolLM2) are traced once each anyway
-_memo = {"on": True, "traces": {}}
-
-
-def _memoized(original):
-    import copy
-    import itertools
-    import warnings
-
-    def trace(model, spec, *args, **kwargs):
-        tensors = list(itertools.chain(model.parameters(), model.buffers()))
-        if not _memo["on"] or sum(t.numel() for t in tensors) > TRACE_MEMO_PARAMETERS:
-            return original(model, spec, *args, **kwargs)
-        digest = hashlib.sha1(model.config.to_json_string().encode())
-        for t in tensors:
-            digest.update(t.detach().contiguous().cpu().numpy().tobytes())
-        key = (type(model).__name__, digest.hexdigest(), repr(spec), repr(args), repr(kwargs))
-        if key not in _memo["traces"]:
-            _memo["traces"][key] = original(model, spec, *args, **kwargs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's pytree, while copying
-            return copy.deepcopy(_memo["traces"][key])
-
-    return trace
-
-
-def _memoize_traces() -> None:
-    from llmc.compiler import trace as module
-
-    module.trace = _memoized(module.trace)
-
-
-_memoize_traces()  # before the test modules import `trace`
-
-
-@pytest.fixture(autouse=True)
-def _fresh_trace(request):
-    fresh = request.node.get_closest_marker("fresh_trace") is not None
-    _memo["on"] = not fresh
-    yield
-    _memo["on"] = True
-
-
 # Fourteen families: attention, norm, RoPE and MLP variants (README, "Support matrix").
 TINY_ARCHS = [
     *("llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "qwen3", "gemma2", "olmo2"),

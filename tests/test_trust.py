@@ -32,7 +32,6 @@ def llmc_build(*args: str, env: dict | None = None):
     return result.exit_code, data, result.stderr
 
 
-@pytest.mark.fresh_trace
 @pytest.mark.parametrize("target", BUILDS)
 def test_the_same_build_gives_the_same_bytes(target, tiny_artifact, tmp_path):
     """A second build of tiny:llama (in another process or, as here, the same one: OpenVINO's
