@@ -148,26 +148,38 @@ def genai_child(model_dir: str, clients, runs: int, threads: int, f32: bool) -> 
                         stamps[i] += [now] * len(output.generated_ids)
         return summarize([{"ok": True, "start": start, "stamps": s} for s in stamps], start)
 
-    wave(max(clients))  # warm-up
+    return _waves(wave, clients, runs)
+
+
+def _waves(wave, clients, runs: int) -> dict:
+    """A child's measurement: `wave(n)` for the most clients once (warm-up), then `runs` waves
+    per client count, with their medians."""
+    wave(max(clients))
     out = {"by_clients": {}}
     for n in clients:
         waves = [wave(n) for _ in range(runs)]
         row = {k: statistics.median(w[k] for w in waves) for k in waves[0] if k != "failures"}
-        out["by_clients"][n] = {**row, "failures": 0, "waves": waves}
+        out["by_clients"][n] = {**row, "failures": sum(w["failures"] for w in waves),
+                                "waves": waves}  # fmt: skip
+    return out
+
+
+def _run_child(python, flag: str, target: str, clients, runs, threads, extra=(), env=None):
+    """This script as a child (`flag` TARGET ...): its JSON, client counts as ints again."""
+    cmd = [str(python), __file__, flag, str(target), "--runs", str(runs)]
+    cmd += ["--clients", ",".join(map(str, clients)), "--threads", str(threads), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out["by_clients"] = {int(k): v for k, v in out["by_clients"].items()}
     return out
 
 
 def run_genai(clients, runs, threads, f32: bool) -> dict:
     python = ov_env()
     model = ov_model(python, "fp32")
-    cmd = [str(python), __file__, "--genai-child", str(model), "--runs", str(runs)]
-    cmd += ["--clients", ",".join(map(str, clients)), "--threads", str(threads)]
-    cmd += ["--f32"] if f32 else []
     env = {**os.environ, "PYTHONPATH": str(ROOT / "bench")}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    out["by_clients"] = {int(k): v for k, v in out["by_clients"].items()}
-    return out
+    extra = ["--f32"] if f32 else []
+    return _run_child(python, "--genai-child", model, clients, runs, threads, extra, env)
 
 
 # -- llmc's batcher without HTTP, driven as GenAI is ---------------------------------------------
@@ -209,25 +221,14 @@ def llmc_child(artifact: str, clients, runs: int, threads: int, precision: str |
         finished.wait()
         return summarize([{"ok": bool(s), "start": start, "stamps": s} for s in stamps], start)
 
-    wave(max(clients))  # warm-up
-    out = {"by_clients": {}}
-    for n in clients:
-        waves = [wave(n) for _ in range(runs)]
-        row = {k: statistics.median(w[k] for w in waves) for k in waves[0] if k != "failures"}
-        out["by_clients"][n] = {**row, "failures": sum(w["failures"] for w in waves),
-                                "waves": waves}  # fmt: skip
+    out = _waves(wave, clients, runs)
     batcher.close()
     return out
 
 
 def run_llmc_in_process(artifact, clients, runs, threads, precision) -> dict:
-    cmd = [sys.executable, __file__, "--llmc-child", artifact, "--runs", str(runs)]
-    cmd += ["--clients", ",".join(map(str, clients)), "--threads", str(threads)]
-    cmd += ["--precision", precision] if precision else []
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    out["by_clients"] = {int(k): v for k, v in out["by_clients"].items()}
-    return out
+    extra = ["--precision", precision] if precision else []
+    return _run_child(sys.executable, "--llmc-child", artifact, clients, runs, threads, extra)
 
 
 def main():

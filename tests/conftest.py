@@ -19,6 +19,12 @@ TINY_ARCHS = [
 ]
 
 
+def heavy_where(values, heavy) -> list:
+    """`values` as test parameters, those where `heavy(value)` holds marked heavy: they run with
+    `make test-heavy`, not in CI."""
+    return [pytest.param(v, marks=pytest.mark.heavy) if heavy(v) else v for v in values]
+
+
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory):
     """Build (once per test run, whichever xdist worker asks first; the other waits for it)

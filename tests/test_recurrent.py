@@ -15,6 +15,7 @@ from llmc.compiler import ssm_ops
 from llmc.contract import IOContract, KVMode
 from llmc.errors import SessionError
 from llmc.targets import TARGETS
+from tests.conftest import heavy_where
 from tests.test_batching import check_join_and_leave
 from tests.test_conformance import RUNNABLE, _perplexities
 from tests.test_speculative import check_extend_and_truncate, check_speculative_greedy
@@ -133,7 +134,7 @@ def test_tiny_state_space_conformance(arch, target, tiny_artifact, tiny_model, m
 @pytest.mark.parametrize(
     "target",
     # the one other build of tiny Mamba by AOTInductor (56 s of CI): `make test-heavy`, as above
-    [pytest.param(t, marks=pytest.mark.heavy) if t == "inductor" else t for t in RECURRENT],
+    heavy_where(RECURRENT, lambda t: t == "inductor"),
 )
 def test_rollback_is_bounded_and_said(target, tiny_artifact):
     """A recurrent state rolls back the steps it kept the state of, and refuses further with a

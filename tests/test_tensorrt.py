@@ -21,7 +21,7 @@ from llmc.runtime import GenerationConfig, Generator
 from llmc.runtime.tokenizer import Tokenizer
 from llmc.targets.tensorrt import engine, parser_support
 from llmc.targets.tensorrt.session import VerifyModel
-from tests.conftest import TINY_ARCHS
+from tests.conftest import TINY_ARCHS, heavy_where
 from tests.test_tiny_end_to_end import PROMPT, hf_greedy
 
 pytestmark = pytest.mark.skipif(
@@ -73,10 +73,7 @@ def check_network(path) -> onnx.ModelProto:
 CI_FAMILIES = ("llama", "phi3", "gpt2", "gemma2", "phi", "falcon", "cohere")
 
 
-@pytest.mark.parametrize(
-    "arch",
-    [a if a in CI_FAMILIES else pytest.param(a, marks=pytest.mark.heavy) for a in TINY_ARCHS],
-)
+@pytest.mark.parametrize("arch", heavy_where(TINY_ARCHS, lambda a: a not in CI_FAMILIES))
 def test_every_family_runs_with_pytorchs_greedy_tokens(arch, tiny_artifact, tiny_model):
     path = tiny_artifact(arch, target="tensorrt")
     model = check_network(path)

@@ -16,10 +16,11 @@ from llmc.cache import StageCache
 from llmc.cli import cli
 from llmc.config import BuildConfig
 from llmc.targets import TARGETS
+from tests.conftest import heavy_where
 
 READY = [t.name for t in TARGETS.values() if t.ready and not t.missing()]
 # AOTInductor compiles C++ twice here (44 s of CI's 20 minutes): `make test-heavy`
-BUILDS = [pytest.param(t, marks=pytest.mark.heavy) if t == "inductor" else t for t in READY]
+BUILDS = heavy_where(READY, lambda t: t == "inductor")
 
 
 def llmc_build(*args: str, env: dict | None = None):
